@@ -1,0 +1,2485 @@
+#!/usr/bin/env python3
+"""mpudp: a multipath UDP relay in one file, standard library only.
+
+A device behind NAT is often reachable through several addresses (several frp
+servers, several uplinks).  The mpudp client measures every such *link* with
+authenticated heartbeats, carries a local application's UDP traffic on the best
+one, fails over when it dies and switches back with hysteresis.  The mpudp
+server forwards that traffic to the *upstream* and sends the replies back over
+the link the client marks active::
+
+    local app --UDP-- client ==== link 0 (frp A / WAN 1) ==== server --UDP-- upstream
+                             ==== link 1 (frp B / WAN 2) ====
+                             ==== link N                 ====
+
+Usage::
+
+    python3 mpudp.py -config=config.json     # run as the config's "mode" says
+    python3 mpudp.py -config=config.json --check
+    python3 mpudp.py --demo                  # server, client, two links and an echo, in one process
+    python3 keygen.py                        # a new X25519 key pair
+
+Every packet between client and server has this shape (PROTOCOL.md has the rest)::
+
+     0        1        2        4                 8                        16
+    +--------+--------+--------+-----------------+------------------------+
+    |flags|ty| link   | client | session id      | nonce: epoch(16)|seq(48)|
+    +--------+--------+--------+-----------------+------------------------+
+    | payload (0..65475 bytes)                              | MAC (16)    |
+    +-------------------------------------------------------+-------------+
+    MAC = keyed BLAKE2s-128 over header and payload, one key per direction.
+
+Glossary (how things are named here):
+
+- *link*: one path from the client to the server, i.e. one ``remote_addr`` in
+  the client's config, with its own socket and measurements.
+- *active*: the link the client currently sends data on; the server sends
+  replies back on the link whose packets carry the ACTIVE flag.
+- *session*: one local application (its source ip and port) behind the
+  client; on the server, the upstream socket that stands for it (like NAT).
+- *client id*: the index of a client's public key in the server's
+  ``client_public_keys``; it picks the keys that must authenticate a packet.
+- *epoch*: the keys and counters agreed by one HELLO/WELCOME handshake.  A
+  restarted client or server starts a new epoch, so old packets never verify.
+- *upstream*: where the server forwards a client's traffic.
+"""
+
+import argparse
+import base64
+import errno
+import hashlib
+import heapq
+import json
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+from array import array
+from collections import deque
+from difflib import get_close_matches
+from hmac import compare_digest
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+__version__ = "0.1.0"
+
+# ============================================================================
+# Constants
+# ============================================================================
+
+# Wire format (PROTOCOL.md).
+HEADER = struct.Struct("!BBHIQ")  # flags|type, link, client id, session id, nonce
+HEADER_SIZE = HEADER.size  # 16
+MAC_SIZE = 16
+OVERHEAD = HEADER_SIZE + MAC_SIZE  # 32 bytes per packet, as WireGuard's
+MAX_UDP_PAYLOAD = 65507  # the largest IPv4 UDP datagram
+MAX_DATA_PAYLOAD = MAX_UDP_PAYLOAD - OVERHEAD
+RECV_BUFFER_SIZE = 65536 + OVERHEAD  # larger than any datagram: never truncates
+
+TYPE_DATA = 1
+TYPE_HEARTBEAT = 2
+TYPE_ECHO = 3
+TYPE_HELLO = 4
+TYPE_WELCOME = 5
+TYPE_MASK = 0x0F
+FLAG_ACTIVE = 0x80  # "the server should send replies back over this link"
+
+SEQ_BITS = 48
+SEQ_MASK = (1 << SEQ_BITS) - 1
+SEQ_REKEY_AT = SEQ_MASK - (1 << 32)  # start a new epoch long before the counter wraps
+NONCE_SIZE = 16
+HELLO_PAYLOAD = struct.Struct("!16s16s")  # client nonce, zero padding
+WELCOME_PAYLOAD = struct.Struct("!16s16s")  # client nonce, server nonce
+HEARTBEAT_PAYLOAD = struct.Struct("!II")  # heartbeat seq on this link, reserved
+ECHO_PAYLOAD = struct.Struct("!II")  # heartbeat seq echoed, bitmap of the last 32 received
+
+REPLAY_WINDOW_SIZE = 2048  # packets; reordering deeper than this is dropped
+PENDING_EPOCHS_PER_CLIENT = 4
+HELLOS_PER_SWEEP = 8  # per client: answers to HELLO between two server sweeps
+
+# Link measurement and policy (the essay is above LinkHealth).
+INITIAL_HEARTBEAT_TIMEOUT_S = 1.0  # before the first RTT sample, as RFC 6298
+HEARTBEAT_TIMEOUT_FLOOR_S = 0.1
+HEARTBEAT_TIMEOUT_CEILING_S = 2.0  # the original's fixed timeout
+LOSS_WINDOW_HEARTBEATS = 20
+RECOVERY_ANSWERS = 3  # consecutive answers before a recovered link is a regular candidate
+MIN_DWELL_HEARTBEATS = 5  # no regular switch sooner than this after the last one
+MIN_DWELL_FLOOR_S = 2.0
+THROUGHPUT_WINDOW_S = 3.0
+HANDSHAKE_RETRY_S = 1.0
+HANDSHAKE_RETRY_CEILING_S = 8.0
+DNS_RETRY_FLOOR_S = 1.0
+DNS_RETRY_CEILING_S = 60.0
+SCORE_FILE_MIN_INTERVAL_S = 1.0
+
+# Housekeeping.
+SWEEP_INTERVAL_CEILING_S = 5.0
+DROP_SUMMARY_INTERVAL_S = 60.0
+ERROR_LOG_INTERVAL_S = 10.0
+SOCKET_BUFFER_BYTES = 1 << 20
+
+# Socket errors that mean "a datagram was refused or could not leave now"; they
+# are counted and logged at a bounded rate, never fatal (RFC 1122 4.1.3.3).
+TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNREFUSED", "ENETUNREACH", "EHOSTUNREACH", "EHOSTDOWN", "ENETDOWN",
+        "EAGAIN", "ENOBUFS", "EMSGSIZE", "EPERM", "EACCES", "EADDRNOTAVAIL",
+        "ECONNRESET", "EINVAL",
+    )
+    if hasattr(errno, name)
+)
+
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+
+class MpudpError(Exception):
+    """Base of mpudp's own errors; main() turns them into one line and an exit status."""
+
+
+class ConfigError(MpudpError):
+    """The configuration is unusable; the message starts with the key path."""
+
+
+class ProtocolError(MpudpError):
+    """A key or packet that breaks the protocol's rules."""
+
+
+# ============================================================================
+# Logging: a few lines on stderr or syslog (python3-light has no `logging`)
+# ============================================================================
+
+
+class Log:
+    """Timestamped, levelled lines; `every` rate-limits a repeated message."""
+
+    LEVELS = {"debug": 10, "info": 20, "warn": 30, "error": 40}
+
+    def __init__(self, stream=None, debug: bool = False, target: str = "stderr",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.threshold = self.LEVELS["debug" if debug else "info"]
+        self.clock = clock
+        self._last: Dict[str, float] = {}
+        self._syslog = None
+        if target == "syslog":
+            import syslog  # only routers that ask for it need the module
+
+            syslog.openlog("mpudp", syslog.LOG_PID, syslog.LOG_DAEMON)
+            self._syslog = syslog
+
+    @property
+    def debug_enabled(self) -> bool:
+        return self.threshold <= self.LEVELS["debug"]
+
+    def set_debug(self, debug: bool) -> None:
+        self.threshold = self.LEVELS["debug" if debug else "info"]
+
+    def log(self, level: str, message: str) -> None:
+        if self.LEVELS[level] < self.threshold:
+            return
+        if self._syslog is not None:
+            priority = {"debug": self._syslog.LOG_DEBUG, "info": self._syslog.LOG_INFO,
+                        "warn": self._syslog.LOG_WARNING, "error": self._syslog.LOG_ERR}[level]
+            self._syslog.syslog(priority, message)
+            return
+        now = time.time()  # wall clock: this line is for a human
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        try:
+            self.stream.write("%s.%03d %-5s %s\n" % (stamp, int(now * 1000) % 1000, level.upper(), message))
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed stderr must not stop the relay
+
+    def debug(self, message: str) -> None:
+        self.log("debug", message)
+
+    def info(self, message: str) -> None:
+        self.log("info", message)
+
+    def warn(self, message: str) -> None:
+        self.log("warn", message)
+
+    def error(self, message: str) -> None:
+        self.log("error", message)
+
+    def every(self, key: str, interval_s: float, level: str, message: str) -> None:
+        """Log `message` unless a line with the same key went out less than interval_s ago."""
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < interval_s:
+            return
+        self._last[key] = now
+        self.log(level, message)
+
+
+class Counters(dict):
+    """Named event counts (drops, errors); a missing name reads as zero."""
+
+    def __missing__(self, key: str) -> int:
+        return 0
+
+    def add(self, key: str, n: int = 1) -> None:
+        self[key] = self.get(key, 0) + n
+
+
+# ============================================================================
+# Crypto: X25519 (RFC 7748), key derivation and packet MACs (keyed BLAKE2)
+# ============================================================================
+
+_P25519 = 2 ** 255 - 19
+_A24 = 121665
+KEY_SIZE = 32
+
+
+def _clamp_scalar(k: bytes) -> int:
+    s = bytearray(k)
+    s[0] &= 248
+    s[31] &= 127
+    s[31] |= 64
+    return int.from_bytes(bytes(s), "little")
+
+
+def x25519(private: bytes, u_point: bytes) -> bytes:
+    """The X25519 function of RFC 7748 section 5: scalar times u-coordinate.
+
+    Plain Montgomery ladder on Python integers.  It is not constant-time; it runs
+    only at start-up on keys from the config, never on attacker-timed input.
+    """
+    if len(private) != KEY_SIZE or len(u_point) != KEY_SIZE:
+        raise ProtocolError("X25519 keys are 32 bytes")
+    p = _P25519
+    k = _clamp_scalar(private)
+    x1 = int.from_bytes(u_point, "little") & ((1 << 255) - 1)
+    x2, z2, x3, z3 = 1, 0, x1, 1
+    swap = 0
+    for t in range(254, -1, -1):
+        bit = (k >> t) & 1
+        if swap ^ bit:
+            x2, x3, z2, z3 = x3, x2, z3, z2
+        swap = bit
+        a, b = (x2 + z2) % p, (x2 - z2) % p
+        aa, bb = a * a % p, b * b % p
+        e = (aa - bb) % p
+        c, d = (x3 + z3) % p, (x3 - z3) % p
+        da, cb = d * a % p, c * b % p
+        x3 = (da + cb) * (da + cb) % p
+        z3 = x1 * (da - cb) * (da - cb) % p
+        x2 = aa * bb % p
+        z2 = e * (aa + _A24 * e) % p
+    if swap:
+        x2, z2 = x3, z3
+    return (x2 * pow(z2, p - 2, p) % p).to_bytes(KEY_SIZE, "little")
+
+
+X25519_BASE_POINT = (9).to_bytes(KEY_SIZE, "little")
+
+
+def public_key(private: bytes) -> bytes:
+    """The X25519 public key of a 32-byte private key."""
+    return x25519(private, X25519_BASE_POINT)
+
+
+def generate_private_key() -> bytes:
+    """A fresh private key from the OS's random source, clamped as RFC 7748 says."""
+    k = bytearray(os.urandom(KEY_SIZE))
+    k[0] &= 248
+    k[31] &= 127
+    k[31] |= 64
+    return bytes(k)
+
+
+def decode_key(text: str) -> bytes:
+    """A base64 key from the config or the command line; ProtocolError if it is not 32 bytes."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (ValueError, TypeError):
+        raise ProtocolError("not valid base64") from None
+    if len(raw) != KEY_SIZE:
+        raise ProtocolError("decodes to %d bytes, an X25519 key has 32" % len(raw))
+    return raw
+
+
+def encode_key(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def kdf(key: bytes, label: bytes) -> bytes:
+    """32 bytes derived from `key` for one purpose: BLAKE2b keyed with `key` over `label`."""
+    return hashlib.blake2b(label, key=key, digest_size=32).digest()
+
+
+def static_secret(own_private: bytes, peer_public: bytes, client_public: bytes,
+                  server_public: bytes) -> bytes:
+    """The long-term secret of one client/server pair (static-static Diffie-Hellman).
+
+    Both public keys are bound in, so a key is never shared between pairs.  An
+    all-zero shared value means the peer's "public key" is a low-order point
+    (RFC 7748 section 6.1); accepting it would let anyone compute the secret.
+    """
+    shared = x25519(own_private, peer_public)
+    if shared == bytes(KEY_SIZE):
+        raise ProtocolError("the public key is a low-order point (shared secret is zero)")
+    return kdf(shared, b"mpudp v1 static" + client_public + server_public)
+
+
+def make_mac(key: bytes):
+    """A keyed BLAKE2s-128 object; each packet uses a copy (cheaper than re-keying)."""
+    return hashlib.blake2s(key=key, digest_size=MAC_SIZE)
+
+
+class StaticKeys:
+    """The HELLO/WELCOME MAC keys of one client/server pair, derived once at start-up."""
+
+    __slots__ = ("secret", "hello_mac", "welcome_mac")
+
+    def __init__(self, secret: bytes) -> None:
+        self.secret = secret
+        self.hello_mac = make_mac(kdf(secret, b"hello c2s"))
+        self.welcome_mac = make_mac(kdf(secret, b"welcome s2c"))
+
+
+def epoch_keys(secret: bytes, client_nonce: bytes, server_nonce: bytes) -> Tuple[bytes, bytes]:
+    """The (client-to-server, server-to-client) data keys of one epoch."""
+    master = kdf(secret, b"epoch" + client_nonce + server_nonce)
+    return kdf(master, b"data c2s"), kdf(master, b"data s2c")
+
+
+def epoch_tag(client_nonce: bytes) -> int:
+    """The 16-bit epoch tag carried in every nonce: the client nonce's first two bytes."""
+    return (client_nonce[0] << 8) | client_nonce[1]
+
+
+# ============================================================================
+# Wire format: headers, sealing, the replay window and epochs
+# ============================================================================
+#
+# Every packet is HEADER | payload | MAC.  The hot paths in Client and Server
+# build packets in place in a preallocated buffer with HEADER.pack_into and
+# `seal_into`; `seal` and `parse_header` are the same rules for everything else.
+#
+# The nonce is epoch tag (16 bits) | sequence number (48 bits).  The sender
+# numbers its packets 1, 2, 3... per direction per epoch; the receiver keeps a
+# ReplayWindow per epoch and accepts each number once.  A packet whose tag is
+# not a known epoch of that client is dropped before any MAC is computed.
+
+
+def seal_into(buf: bytearray, mac, type_flags: int, link: int, client_id: int, session: int,
+              nonce: int, payload_len: int) -> int:
+    """Write the header before the payload already at buf[16:16+payload_len] and the MAC
+    after it; return the packet's length."""
+    HEADER.pack_into(buf, 0, type_flags, link, client_id, session, nonce)
+    end = HEADER_SIZE + payload_len
+    m = mac.copy()
+    m.update(memoryview(buf)[:end])
+    buf[end:end + MAC_SIZE] = m.digest()
+    return end + MAC_SIZE
+
+
+def seal(mac, type_flags: int, link: int, client_id: int, session: int, nonce: int,
+         payload: bytes) -> bytes:
+    """One whole packet as bytes."""
+    buf = bytearray(OVERHEAD + len(payload))
+    buf[HEADER_SIZE:HEADER_SIZE + len(payload)] = payload
+    seal_into(buf, mac, type_flags, link, client_id, session, nonce, len(payload))
+    return bytes(buf)
+
+
+def verify(mac, packet, length: int) -> bool:
+    """True if the last 16 bytes of packet[:length] are the MAC of the rest."""
+    m = mac.copy()
+    m.update(packet[:length - MAC_SIZE])
+    return compare_digest(m.digest(), packet[length - MAC_SIZE:length])
+
+
+def parse_header(packet) -> Tuple[int, int, int, int, int]:
+    """(type_flags, link, client_id, session, nonce) of a packet; ProtocolError if too short."""
+    if len(packet) < OVERHEAD:
+        raise ProtocolError("packet of %d bytes is shorter than the %d-byte overhead" % (len(packet), OVERHEAD))
+    return HEADER.unpack_from(packet)
+
+
+class ReplayWindow:
+    """Which of the last REPLAY_WINDOW_SIZE sequence numbers were already accepted.
+
+    RFC 6479 keeps a ring of bitmap words; here the ring holds the sequence
+    number last accepted in each slot, which needs no clearing as the window
+    slides: `seq` was seen iff slots[seq % size] == seq.  Numbers at or below
+    `top - size` are too old to tell apart from a replay and are refused.
+    Callers check `fresh` before the MAC and `mark` after it, so forged packets
+    cannot move the window.
+    """
+
+    __slots__ = ("size", "top", "_slots")
+
+    def __init__(self, size: int = REPLAY_WINDOW_SIZE) -> None:
+        self.size = size
+        self.top = 0
+        self._slots = array("Q", bytes(8 * size))
+
+    def fresh(self, seq: int) -> bool:
+        """Would `seq` be accepted?  Sequence numbers start at 1."""
+        if seq == 0 or seq + self.size <= self.top:
+            return False
+        return self._slots[seq % self.size] != seq
+
+    def mark(self, seq: int) -> None:
+        """Record `seq` as accepted (after its MAC verified)."""
+        self._slots[seq % self.size] = seq
+        if seq > self.top:
+            self.top = seq
+
+
+class Epoch:
+    """The data keys, replay window and send counter agreed by one handshake."""
+
+    __slots__ = ("tag", "nonce_base", "client_nonce", "server_nonce", "tx_mac", "rx_mac",
+                 "window", "tx_seq")
+
+    def __init__(self, secret: bytes, client_nonce: bytes, server_nonce: bytes, is_client: bool) -> None:
+        c2s, s2c = epoch_keys(secret, client_nonce, server_nonce)
+        self.tag = epoch_tag(client_nonce)
+        self.nonce_base = self.tag << SEQ_BITS
+        self.client_nonce = client_nonce
+        self.server_nonce = server_nonce
+        self.tx_mac = make_mac(c2s if is_client else s2c)
+        self.rx_mac = make_mac(s2c if is_client else c2s)
+        self.window = ReplayWindow()
+        self.tx_seq = 0
+
+    def next_nonce(self) -> int:
+        self.tx_seq += 1
+        return self.nonce_base | self.tx_seq
+
+
+# ============================================================================
+# Link measurement and policy
+# ============================================================================
+#
+# How a link is judged.  Each heartbeat is a record: sent at, answered or
+# timed out, and whether it reached the server (from the 32-bit bitmap of
+# recent heartbeats that every echo carries).  From the records:
+#
+# - RTT is smoothed as RFC 6298 (srtt, rttvar); jitter as RFC 3550.
+# - A heartbeat times out after srtt + 4 * rttvar, clamped to
+#   [HEARTBEAT_TIMEOUT_FLOOR_S, HEARTBEAT_TIMEOUT_CEILING_S]: a fast link is
+#   judged fast, a slow one is not punished for being slow.
+# - Loss is the share of unanswered heartbeats among the last
+#   LOSS_WINDOW_HEARTBEATS resolved ones: a sliding window, never reset on a
+#   schedule.  Uplink loss counts heartbeats the server never saw; downlink
+#   loss counts echoes lost after the server saw the heartbeat.
+# - After the first miss the link is probed every half timeout, so
+#   `max_consecutive_fail` misses in a row (down) take a fraction of a second
+#   rather than that many heartbeat intervals.  One answer makes the link up
+#   again, but it is a regular candidate ("steady") only after
+#   RECOVERY_ANSWERS answers in a row, so a flapping link is not chosen.
+#
+# The score is the original's: -(loss_weight * loss% + rtt_weight * rtt_ms)
+# - priority.  SwitchPolicy then decides: leave a dead active link at once;
+# otherwise switch only to a steady link better by `switch_threshold`, not
+# sooner than a dwell time after the last switch and not while the active
+# link carries more than `throughput_threshold_kbps`.
+
+
+class HeartbeatRecord:
+    __slots__ = ("seq", "sent_at", "answered", "timed_out", "reached")
+
+    def __init__(self, seq: int, sent_at: float) -> None:
+        self.seq = seq
+        self.sent_at = sent_at
+        self.answered = False
+        self.timed_out = False
+        self.reached = None  # type: Optional[bool]
+
+
+class LinkHealth:
+    """RTT, loss and up/down state of one link from its heartbeats; pure (no I/O, no clock)."""
+
+    def __init__(self, max_consecutive_fail: int, loss_window: int = LOSS_WINDOW_HEARTBEATS) -> None:
+        self.max_consecutive_fail = max_consecutive_fail
+        self.up = False
+        self.srtt = None  # type: Optional[float]
+        self.rttvar = 0.0
+        self.jitter = 0.0
+        self.last_rtt = None  # type: Optional[float]
+        self.consecutive_fail = 0
+        self.consecutive_ok = 0
+        self.changed_at = None  # type: Optional[float]
+        self._records = deque()  # type: deque
+        self._by_seq = {}  # type: Dict[int, HeartbeatRecord]
+        self._window = loss_window
+
+    # -- events --------------------------------------------------------------
+
+    def on_sent(self, seq: int, now: float) -> None:
+        if len(self._records) >= self._window + 32:  # keep 32 extra for late bitmaps
+            old = self._records.popleft()
+            self._by_seq.pop(old.seq, None)
+        record = HeartbeatRecord(seq, now)
+        self._records.append(record)
+        self._by_seq[seq] = record
+
+    def on_echo(self, seq: int, bitmap: int, now: float) -> bool:
+        """An echo of heartbeat `seq` arrived; True if the link just came up."""
+        record = self._by_seq.get(seq)
+        if record is None or record.answered:
+            return False
+        record.answered = True
+        record.reached = True
+        self._add_rtt_sample(now - record.sent_at)
+        for other in self._records:
+            back = seq - other.seq
+            if 0 < back < 32 and not other.answered:
+                other.reached = bool((bitmap >> back) & 1)
+        self.consecutive_fail = 0
+        self.consecutive_ok += 1
+        if not self.up:
+            self.up = True
+            self.changed_at = now
+            return True
+        return False
+
+    def on_timeout(self, seq: int, now: float) -> bool:
+        """Heartbeat `seq` was not answered in time; True if the link just went down."""
+        record = self._by_seq.get(seq)
+        if record is None or record.answered or record.timed_out:
+            return False
+        record.timed_out = True
+        self.consecutive_fail += 1
+        self.consecutive_ok = 0
+        if self.up and self.consecutive_fail >= self.max_consecutive_fail:
+            self.up = False
+            self.changed_at = now
+            return True
+        return False
+
+    def _add_rtt_sample(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        if self.last_rtt is not None:
+            self.jitter += (abs(rtt - self.last_rtt) - self.jitter) / 16
+        self.last_rtt = rtt
+
+    # -- readings ------------------------------------------------------------
+
+    def timeout(self) -> float:
+        """How long to wait for an echo before counting a heartbeat as lost."""
+        if self.srtt is None:
+            return INITIAL_HEARTBEAT_TIMEOUT_S
+        rto = self.srtt + 4 * self.rttvar
+        return min(max(rto, HEARTBEAT_TIMEOUT_FLOOR_S), HEARTBEAT_TIMEOUT_CEILING_S)
+
+    @property
+    def steady(self) -> bool:
+        """Up and answering for long enough to be chosen in a regular evaluation."""
+        return self.up and self.consecutive_ok >= RECOVERY_ANSWERS
+
+    def _resolved(self) -> List[HeartbeatRecord]:
+        recent = list(self._records)[-self._window:]
+        return [r for r in recent if r.answered or r.timed_out]
+
+    def loss(self) -> float:
+        """Share (0..1) of recent heartbeats that got no answer."""
+        resolved = self._resolved()
+        if not resolved:
+            return 0.0
+        return sum(1 for r in resolved if not r.answered) / len(resolved)
+
+    def loss_up(self) -> Optional[float]:
+        """Share of recent heartbeats the server never received; None if unknown."""
+        known = [r for r in self._resolved() if r.reached is not None]
+        if not known:
+            return None
+        return sum(1 for r in known if not r.reached) / len(known)
+
+    def loss_down(self) -> Optional[float]:
+        """Share of recent echoes lost on the way back; None if unknown."""
+        reached = [r for r in self._resolved() if r.reached]
+        if not reached:
+            return None
+        return sum(1 for r in reached if not r.answered) / len(reached)
+
+    def score(self, loss_weight: float, rtt_weight: float, priority: float) -> float:
+        return link_score(self.loss() if self.up else 1.0,
+                          self.srtt if self.srtt is not None else HEARTBEAT_TIMEOUT_CEILING_S,
+                          priority, loss_weight, rtt_weight)
+
+
+def link_score(loss: float, rtt_s: float, priority: float, loss_weight: float,
+               rtt_weight: float) -> float:
+    """The original's score: -(loss_weight * loss% + rtt_weight * rtt_ms) - priority."""
+    return -(loss_weight * loss * 100.0 + rtt_weight * rtt_s * 1000.0) - priority
+
+
+class ThroughputMeter:
+    """Bytes both ways over a sliding window, sampled at evaluations, never per packet."""
+
+    def __init__(self, window_s: float = THROUGHPUT_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._samples = deque()  # type: deque
+
+    def sample(self, now: float, total_bytes: int) -> None:
+        self._samples.append((now, total_bytes))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window_s:
+            self._samples.popleft()
+
+    def kbps(self) -> float:
+        if len(self._samples) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
+        return (b1 - b0) * 8 / 1000.0 / (t1 - t0) if t1 > t0 else 0.0
+
+
+class Candidate:
+    """What the policy needs to know of one link."""
+
+    __slots__ = ("up", "steady", "score", "kbps")
+
+    def __init__(self, up: bool, steady: bool, score: float, kbps: float = 0.0) -> None:
+        self.up, self.steady, self.score, self.kbps = up, steady, score, kbps
+
+    def __repr__(self) -> str:
+        return "Candidate(up=%r, steady=%r, score=%.1f, kbps=%.1f)" % (self.up, self.steady, self.score, self.kbps)
+
+
+class SwitchPolicy:
+    """Which link carries traffic: a pure function of the candidates, the active link and time."""
+
+    def __init__(self, switch_threshold: float, throughput_threshold_kbps: float,
+                 min_dwell_s: float) -> None:
+        self.switch_threshold = switch_threshold
+        self.throughput_threshold_kbps = throughput_threshold_kbps
+        self.min_dwell_s = min_dwell_s
+
+    @staticmethod
+    def _best(links: Sequence[Candidate], indices: Sequence[int]) -> int:
+        return max(indices, key=lambda i: (links[i].score, -i))  # ties go to the first listed
+
+    def choose(self, links: Sequence[Candidate], active: Optional[int],
+               last_switch_at: Optional[float], now: float) -> Tuple[int, str]:
+        """(index, reason): the link to use and why it changed, or reason "" to stay."""
+        up = [i for i, link in enumerate(links) if link.up]
+        if active is None:
+            return self._best(links, up or range(len(links))), "first choice"
+        if not links[active].up:
+            if not up:
+                return active, ""  # all down: keep the least-bad one, keep probing
+            steady = [i for i in up if links[i].steady]
+            return self._best(links, steady or up), "active link down"
+        others = [i for i in up if i != active and links[i].steady]
+        if not others:
+            return active, ""
+        best = self._best(links, others)
+        gain = links[best].score - links[active].score
+        if gain <= self.switch_threshold:
+            return active, ""
+        if last_switch_at is not None and now - last_switch_at < self.min_dwell_s:
+            return active, ""
+        if links[active].kbps > self.throughput_threshold_kbps:
+            return active, ""  # busy: do not disturb a flow that is working
+        return best, "better by %.1f" % gain
+
+
+# ============================================================================
+# Reactor: one selectors loop and a timer heap
+# ============================================================================
+
+
+class Timer:
+    """A scheduled call; cancel() is O(1) and drops the callback's references."""
+
+    __slots__ = ("when", "callback", "args", "cancelled")
+
+    def __init__(self, when: float, callback: Callable, args: tuple) -> None:
+        self.when = when
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.callback = None
+        self.args = ()
+
+
+class Periodic:
+    """A call repeated every `interval` seconds, re-armed from its scheduled time (no drift)."""
+
+    __slots__ = ("reactor", "interval", "callback", "args", "timer")
+
+    def __init__(self, reactor: "Reactor", interval: float, callback: Callable, args: tuple) -> None:
+        self.reactor = reactor
+        self.interval = interval
+        self.callback = callback
+        self.args = args
+        self.timer = reactor.call_later(interval, self._fire)
+
+    def _fire(self) -> None:
+        when = self.timer.when + self.interval
+        now = self.reactor.time()
+        if when <= now:  # fell behind (a long stall): skip the missed ticks
+            when = now + self.interval
+        self.timer = self.reactor.call_at(when, self._fire)
+        self.callback(*self.args)
+
+    def cancel(self) -> None:
+        self.timer.cancel()
+
+
+class Reactor:
+    """The event loop: readable sockets and due timers, one callback at a time.
+
+    Heap entries are (when, seq, timer): seq breaks ties so equal deadlines fire
+    in the order they were set and Timer objects are never compared.
+    Cancelled timers stay in the heap until popped, or until they are more than
+    half of it, when the heap is rebuilt without them.  Every callback is
+    guarded: an exception is counted and logged, and the loop goes on.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, log: Optional[Log] = None) -> None:
+        self.time = clock
+        self.log = log or Log()
+        self.selector = selectors.DefaultSelector()
+        self.errors = Counters()
+        self._heap = []  # type: List[Tuple[float, int, Timer]]
+        self._seq = 0
+        self._cancelled_in_heap = 0
+        self._stopping = False
+        self._signal_sock = None  # type: Optional[socket.socket]
+        self._signal_handlers = {}  # type: Dict[int, Callable]
+
+    # -- timers --------------------------------------------------------------
+
+    def call_at(self, when: float, callback: Callable, *args) -> Timer:
+        timer = Timer(when, callback, args)
+        self._seq += 1
+        heapq.heappush(self._heap, (when, self._seq, timer))
+        return timer
+
+    def call_later(self, delay: float, callback: Callable, *args) -> Timer:
+        return self.call_at(self.time() + delay, callback, *args)
+
+    def call_every(self, interval: float, callback: Callable, *args) -> Periodic:
+        return Periodic(self, interval, callback, args)
+
+    def cancel(self, timer: Optional[Timer]) -> None:
+        """Cancel a timer (None is fine) and compact the heap when it is mostly dead."""
+        if timer is None or timer.cancelled:
+            return
+        timer.cancel()
+        self._cancelled_in_heap += 1
+        if self._cancelled_in_heap > 64 and self._cancelled_in_heap * 2 > len(self._heap):
+            self._heap = [entry for entry in self._heap if not entry[2].cancelled]
+            heapq.heapify(self._heap)
+            self._cancelled_in_heap = 0
+
+    @property
+    def pending_timers(self) -> int:
+        return sum(1 for entry in self._heap if not entry[2].cancelled)
+
+    # -- sockets -------------------------------------------------------------
+
+    def add_reader(self, sock: socket.socket, handler: Callable[[], None]) -> None:
+        self.selector.register(sock, selectors.EVENT_READ, handler)
+
+    def remove_reader(self, sock: socket.socket) -> None:
+        try:
+            self.selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    # -- signals -------------------------------------------------------------
+
+    def add_signal_handler(self, signum: int, handler: Callable[[], None]) -> None:
+        """Run `handler` from the loop (not inside the signal) when `signum` arrives."""
+        if self._signal_sock is None:
+            self._signal_sock, writer = socket.socketpair()
+            self._signal_sock.setblocking(False)
+            writer.setblocking(False)
+            self._signal_writer = writer
+            signal.set_wakeup_fd(writer.fileno())
+            self.add_reader(self._signal_sock, self._on_signal_wakeup)
+        self._signal_handlers[signum] = handler
+        signal.signal(signum, lambda _signum, _frame: None)  # the wake-up fd carries it
+
+    def _on_signal_wakeup(self) -> None:
+        try:
+            data = self._signal_sock.recv(64)
+        except OSError:
+            return
+        for signum in data:
+            handler = self._signal_handlers.get(signum)
+            if handler is not None:
+                self._guard(handler, ())
+
+    # -- running -------------------------------------------------------------
+
+    def _guard(self, callback: Callable, args: tuple) -> None:
+        try:
+            callback(*args)
+        except Exception as exc:  # one bad callback must not stop the relay
+            self.errors.add("callback")
+            name = getattr(callback, "__qualname__", repr(callback))
+            self.log.every("callback:" + name, ERROR_LOG_INTERVAL_S, "error",
+                           "internal error in %s: %s: %s" % (name, type(exc).__name__, exc))
+            if self.log.debug_enabled:
+                import traceback
+
+                self.log.debug(traceback.format_exc().rstrip())
+
+    def run_once(self, timeout: Optional[float] = None) -> None:
+        """Wait at most `timeout` (None: until the next timer) for sockets, then run what is due."""
+        heap = self._heap
+        if heap:
+            until_timer = max(0.0, heap[0][0] - self.time())
+            timeout = until_timer if timeout is None else min(timeout, until_timer)
+        for key, _mask in self.selector.select(timeout):
+            self._guard(key.data, ())
+        now = self.time()
+        due = []
+        while heap and heap[0][0] <= now:
+            timer = heapq.heappop(heap)[2]
+            if timer.cancelled:
+                self._cancelled_in_heap = max(0, self._cancelled_in_heap - 1)
+            else:
+                due.append(timer)
+        for timer in due:  # a snapshot: timers set now run on the next pass
+            if not timer.cancelled:
+                self._guard(timer.callback, timer.args)
+
+    def run(self) -> None:
+        self._stopping = False
+        while not self._stopping:
+            self.run_once()
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def close(self) -> None:
+        if self._signal_sock is not None:
+            signal.set_wakeup_fd(-1)
+            self._signal_sock.close()
+            self._signal_writer.close()
+            self._signal_sock = None
+        self.selector.close()
+
+
+# ============================================================================
+# Resolver: getaddrinfo off the loop
+# ============================================================================
+#
+# getaddrinfo blocks, for seconds when a resolver is slow or hung.  Each look-up
+# runs on its own short-lived daemon thread (at most one per key in flight) and
+# hands its result back through a socketpair that the reactor watches, so the
+# callback runs on the loop like any other event and forwarding never waits.
+# Literal addresses never reach a thread: AI_NUMERICHOST answers them at once.
+
+
+def split_host_port(text: str) -> Tuple[str, int]:
+    """("host", port) of "host:port", "[v6]:port" or ":port"; ValueError if malformed."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep or not host:
+            raise ValueError("expected [IPv6]:port")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError("expected host:port")
+        if ":" in host:
+            raise ValueError("an IPv6 address needs brackets: [addr]:port")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("port %r is not a number from 0 to 65535" % port)
+    return host, int(port)
+
+
+def numeric_address(host: str, port: int) -> Optional[Tuple[int, tuple]]:
+    """(family, sockaddr) if `host` is a literal IP address, else None (needs DNS)."""
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError):
+        return None
+    return infos[0][0], infos[0][4]
+
+
+def format_address(sockaddr: Optional[tuple]) -> str:
+    if not sockaddr:
+        return "-"
+    if ":" in sockaddr[0]:
+        return "[%s]:%d" % (sockaddr[0], sockaddr[1])
+    return "%s:%d" % (sockaddr[0], sockaddr[1])
+
+
+class Resolver:
+    """Asynchronous getaddrinfo for the reactor; `getaddrinfo` is injectable for tests."""
+
+    def __init__(self, reactor: Reactor, getaddrinfo: Callable = socket.getaddrinfo) -> None:
+        self.reactor = reactor
+        self.getaddrinfo = getaddrinfo
+        self._done = deque()  # type: deque  # (key, callback, result), appended by threads
+        self._in_flight = set()  # type: set
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        reactor.add_reader(self._reader, self._deliver)
+
+    def lookup(self, key: Any, host: str, port: int, callback: Callable[[Any], None]) -> bool:
+        """Resolve in the background; callback((family, sockaddr)) or callback(OSError) later
+        on the loop.  False if a look-up for `key` is still in flight."""
+        if key in self._in_flight:
+            return False
+        self._in_flight.add(key)
+        worker = threading.Thread(target=self._work, args=(key, host, port, callback),
+                                  name="mpudp-dns", daemon=True)
+        worker.start()
+        return True
+
+    def _work(self, key: Any, host: str, port: int, callback: Callable) -> None:
+        try:
+            infos = self.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
+            result = (infos[0][0], infos[0][4]) if infos else OSError("no address")  # type: Any
+        except (OSError, UnicodeError) as exc:
+            result = exc if isinstance(exc, OSError) else OSError(str(exc))
+        except Exception as exc:  # a broken resolver library must still answer
+            result = OSError("%s: %s" % (type(exc).__name__, exc))
+        self._done.append((key, callback, result))
+        try:
+            self._writer.send(b"\0")
+        except OSError:
+            pass  # the reader is full, so a wake-up is already pending; or we are closing
+
+    def _deliver(self) -> None:
+        try:
+            while self._reader.recv(4096):
+                pass
+        except OSError:
+            pass
+        while self._done:
+            key, callback, result = self._done.popleft()
+            self._in_flight.discard(key)
+            callback(result)
+
+    def close(self) -> None:
+        self.reactor.remove_reader(self._reader)
+        self._reader.close()
+        self._writer.close()
+
+
+def open_udp_socket(family: int, bind_to: Optional[tuple] = None) -> socket.socket:
+    """A non-blocking UDP socket with roomy buffers, bound if asked (IPv6 "::" is dual-stack)."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+            except OSError:
+                pass  # the kernel caps it; the default still works
+        if bind_to is not None:
+            if family == socket.AF_INET6 and bind_to[0] == "::":
+                try:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                except (OSError, AttributeError):
+                    pass
+            sock.bind(bind_to)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_address(host: str, port: int) -> Tuple[int, tuple]:
+    """(family, sockaddr) to bind for a listen_addr; "" means every address, IPv6 and IPv4.
+
+    Resolved once at start-up (this may block briefly for a host name: nothing
+    is forwarding yet)."""
+    if host == "":
+        if socket.has_ipv6:
+            try:
+                probe = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                probe.close()
+                return socket.AF_INET6, ("::", port)
+            except OSError:
+                pass
+        return socket.AF_INET, ("0.0.0.0", port)
+    found = numeric_address(host, port)
+    if found is not None:
+        return found
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
+    return infos[0][0], infos[0][4]
+
+
+class Endpoint:
+    """A host:port the relay sends to: resolved off the loop, retried, refreshed.
+
+    A literal address is known at once.  A host name starts unknown; look-ups
+    are retried with back-off until one succeeds, then refreshed every
+    `refresh_s` (0: never).  A failed refresh keeps the old address and is
+    logged once until a look-up succeeds again.
+    """
+
+    def __init__(self, text: str, host: str, port: int, on_change: Callable[["Endpoint"], None]) -> None:
+        self.text = text
+        self.host = host
+        self.port = port
+        self.on_change = on_change
+        self.failures = 0
+        numeric = numeric_address(host, port)
+        self.is_name = numeric is None
+        self.family, self.addr = numeric if numeric else (None, None)
+        self._timers = []  # type: List[Any]
+
+    def start(self, reactor: Reactor, resolver: Resolver, log: Log, refresh_s: float) -> None:
+        self._reactor, self._resolver, self._log = reactor, resolver, log
+        if not self.is_name:
+            return
+        self._lookup()
+        if refresh_s > 0:
+            self._timers.append(reactor.call_every(refresh_s, self._lookup))
+
+    def _lookup(self) -> None:
+        self._resolver.lookup(self, self.host, self.port, self._on_result)
+
+    def _on_result(self, result: Any) -> None:
+        if isinstance(result, OSError):
+            self.failures += 1
+            if self.failures == 1:
+                self._log.warn("cannot resolve %s: %s; %s" % (
+                    self.text, result, "keeping %s" % format_address(self.addr) if self.addr else "retrying"))
+            if self.addr is None:
+                delay = min(DNS_RETRY_FLOOR_S * 2 ** (self.failures - 1), DNS_RETRY_CEILING_S)
+                self._timers.append(self._reactor.call_later(delay, self._lookup))
+            return
+        self.failures = 0
+        family, addr = result
+        if addr != self.addr:
+            old = self.addr
+            self.family, self.addr = family, addr
+            self._log.info("%s resolves to %s%s" % (
+                self.text, format_address(addr), " (was %s)" % format_address(old) if old else ""))
+            self.on_change(self)
+
+    def close(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
+
+
+# ============================================================================
+# Client
+# ============================================================================
+
+
+class ClientLink:
+    """One path to the server: its endpoint, socket, heartbeats and measurements."""
+
+    def __init__(self, index: int, endpoint: Endpoint, priority: float, max_consecutive_fail: int) -> None:
+        self.index = index
+        self.endpoint = endpoint
+        self.priority = priority
+        self.health = LinkHealth(max_consecutive_fail)
+        self.meter = ThroughputMeter()
+        self.sock = None  # type: Optional[socket.socket]
+        self.hb_seq = 0
+        self.hb_timer = None  # type: Optional[Timer]
+        self.next_hb_at = 0.0
+        self.tx_bytes = 0
+        self.rx_bytes = 0
+        self.switches = 0  # times this link became the active one
+
+    @property
+    def name(self) -> str:
+        return "link %d (%s)" % (self.index, self.endpoint.text)
+
+    @property
+    def addr(self) -> Optional[tuple]:
+        return self.endpoint.addr
+
+
+class ClientSession:
+    """One local application (source ip, port) and its session id on the wire."""
+
+    __slots__ = ("id", "addr", "packets", "seen_packets", "last_active")
+
+    def __init__(self, session_id: int, addr: tuple, now: float) -> None:
+        self.id = session_id
+        self.addr = addr
+        self.packets = 0
+        self.seen_packets = 0
+        self.last_active = now
+
+
+class Client:
+    """The client side: local applications in, the best link out, replies back."""
+
+    def __init__(self, config: "ClientConfig", reactor: Reactor, log: Log, resolver: Resolver) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.log = log
+        self.resolver = resolver
+        self.counters = Counters()
+        self.static = StaticKeys(config.static_secret)
+        self.links = [
+            ClientLink(i, Endpoint(link.remote_addr, link.host, link.port, self._on_address_change),
+                       link.priority, config.max_consecutive_fail)
+            for i, link in enumerate(config.links)
+        ]
+        self.policy = SwitchPolicy(config.switch_threshold, config.throughput_threshold_kbps,
+                                   max(MIN_DWELL_FLOOR_S, MIN_DWELL_HEARTBEATS * config.heartbeat_interval_s))
+        self.active = None  # type: Optional[ClientLink]
+        self.last_switch_at = None  # type: Optional[float]
+        self.epoch = None  # type: Optional[Epoch]
+        self.sessions_by_addr = {}  # type: Dict[tuple, ClientSession]
+        self.sessions_by_id = {}  # type: Dict[int, ClientSession]
+        # Random first id: after a restart, new sessions do not land on the
+        # server's not-yet-expired sessions of the previous run.
+        self._next_session_id = 1 + int.from_bytes(os.urandom(4), "big") % 0xFFFFFFFE
+        self._hello_nonce = None  # type: Optional[bytes]
+        self._hello_timer = None  # type: Optional[Timer]
+        self._periodic = []  # type: List[Periodic]
+        self._last_score_file_at = None  # type: Optional[float]
+        self._buf = bytearray(RECV_BUFFER_SIZE)
+        self._view = memoryview(self._buf)
+        self._payload_view = self._view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
+        self._ctl = bytearray(OVERHEAD + 64)  # control packets, so they never clobber _buf
+        self.listen_sock = None  # type: Optional[socket.socket]
+
+    # -- life cycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.config
+        family, sockaddr = listen_address(cfg.listen_host, cfg.listen_port)
+        self.listen_sock = open_udp_socket(family, sockaddr)
+        self.reactor.add_reader(self.listen_sock, self._on_local_readable)
+        self.log.info("client %d listening on %s, %d link(s): %s" % (
+            cfg.client_id, format_address(self.listen_sock.getsockname()), len(self.links),
+            ", ".join(link.endpoint.text for link in self.links)))
+        now = self.reactor.time()
+        for link in self.links:
+            if link.addr is not None:
+                self._open_link_socket(link)
+            link.endpoint.start(self.reactor, self.resolver, self.log, cfg.dns_refresh_interval_s)
+            link.next_hb_at = now
+        self.active = self.links[self.policy.choose(self._candidates(), None, None, now)[0]]
+        self._periodic = [
+            self.reactor.call_every(cfg.heartbeat_interval_s, self.evaluate),
+            self.reactor.call_every(self._sweep_interval(), self._sweep),
+            self.reactor.call_every(DROP_SUMMARY_INTERVAL_S, self._log_drops),
+        ]
+        self._start_handshake()
+
+    def _sweep_interval(self) -> float:
+        return min(SWEEP_INTERVAL_CEILING_S, self.config.session_timeout_s / 4)
+
+    def close(self) -> None:
+        for periodic in self._periodic:
+            periodic.cancel()
+        self.reactor.cancel(self._hello_timer)
+        for link in self.links:
+            link.endpoint.close()
+            self.reactor.cancel(link.hb_timer)
+            self._close_link_socket(link)
+        if self.listen_sock is not None:
+            self.reactor.remove_reader(self.listen_sock)
+            self.listen_sock.close()
+            self.listen_sock = None
+
+    # -- link sockets --------------------------------------------------------
+
+    def _open_link_socket(self, link: ClientLink) -> None:
+        any_address = ("::", 0) if link.endpoint.family == socket.AF_INET6 else ("0.0.0.0", 0)
+        link.sock = open_udp_socket(link.endpoint.family, any_address)
+        self.reactor.add_reader(link.sock, lambda: self._on_link_readable(link))
+
+    def _close_link_socket(self, link: ClientLink) -> None:
+        if link.sock is not None:
+            self.reactor.remove_reader(link.sock)
+            link.sock.close()
+            link.sock = None
+
+    def _on_address_change(self, endpoint: Endpoint) -> None:
+        link = next(l for l in self.links if l.endpoint is endpoint)
+        if link.sock is None or link.sock.family != endpoint.family:
+            self._close_link_socket(link)
+            self._open_link_socket(link)
+        if self.epoch is None:
+            self._send_hello()
+        self._schedule_heartbeat(link, self.reactor.time())
+
+    def _link_error(self, link: ClientLink, exc: OSError) -> None:
+        self.counters.add("link_errors")
+        self.log.every("link-error:%d" % link.index, ERROR_LOG_INTERVAL_S, "warn",
+                       "%s: %s" % (link.name, exc))
+
+    # -- data path: local application -> link ---------------------------------
+
+    def _on_local_readable(self) -> None:
+        sock = self.listen_sock
+        payload_view = self._payload_view
+        sessions = self.sessions_by_addr
+        while True:
+            try:
+                n, addr = sock.recvfrom_into(payload_view)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._socket_error("listen", exc)
+                return
+            if n > MAX_DATA_PAYLOAD:
+                self.counters.add("oversize")
+                continue
+            session = sessions.get(addr)
+            if session is None:
+                session = self._open_session(addr)
+                if session is None:
+                    continue
+            session.packets += 1
+            self._send_data(session.id, n)
+
+    def _send_data(self, session_id: int, n: int) -> None:
+        """Seal the payload waiting in _buf and send it on the active link."""
+        epoch, link = self.epoch, self.active
+        if epoch is None or link is None or link.sock is None:
+            self.counters.add("no_path")
+            return
+        buf = self._buf
+        HEADER.pack_into(buf, 0, TYPE_DATA | FLAG_ACTIVE, link.index, self.config.client_id,
+                         session_id, epoch.next_nonce())
+        end = HEADER_SIZE + n
+        m = epoch.tx_mac.copy()
+        m.update(self._view[:end])
+        buf[end:end + MAC_SIZE] = m.digest()
+        end += MAC_SIZE
+        try:
+            link.sock.sendto(self._view[:end], link.endpoint.addr)
+        except BlockingIOError:
+            self.counters.add("tx_full")
+            return
+        except OSError as exc:
+            self._link_error(link, exc)
+            return
+        link.tx_bytes += end
+
+    def _open_session(self, addr: tuple) -> Optional[ClientSession]:
+        if len(self.sessions_by_addr) >= self.config.max_sessions:
+            self.counters.add("session_limit")
+            self.log.every("session-limit", ERROR_LOG_INTERVAL_S, "warn",
+                           "max_sessions (%d) reached: refusing %s" % (self.config.max_sessions,
+                                                                      format_address(addr)))
+            return None
+        session_id = self._next_session_id
+        while session_id in self.sessions_by_id or session_id == 0:
+            session_id = (session_id + 1) & 0xFFFFFFFF
+        self._next_session_id = (session_id + 1) & 0xFFFFFFFF
+        session = ClientSession(session_id, addr, self.reactor.time())
+        self.sessions_by_addr[addr] = session
+        self.sessions_by_id[session_id] = session
+        self.log.debug("session %08x opened for %s" % (session_id, format_address(addr)))
+        return session
+
+    # -- data path: link -> local application ---------------------------------
+
+    def _on_link_readable(self, link: ClientLink) -> None:
+        sock = link.sock
+        buf, view = self._buf, self._view
+        client_id = self.config.client_id
+        while True:
+            try:
+                n = sock.recv_into(view)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # e.g. ECONNREFUSED reported for an earlier send
+                self._link_error(link, exc)
+                return
+            if n < OVERHEAD:
+                self.counters.add("short")
+                continue
+            type_flags, _link, packet_client, session_id, nonce = HEADER.unpack_from(buf)
+            kind = type_flags & TYPE_MASK
+            if packet_client != client_id:
+                self.counters.add("bad_header")
+                continue
+            if kind == TYPE_WELCOME:
+                self._on_welcome(n)
+                continue
+            epoch = self.epoch
+            if epoch is None or nonce >> SEQ_BITS != epoch.tag:
+                self.counters.add("stale_epoch")
+                continue
+            seq = nonce & SEQ_MASK
+            if not epoch.window.fresh(seq):
+                self.counters.add("replay")
+                continue
+            m = epoch.rx_mac.copy()
+            m.update(view[:n - MAC_SIZE])
+            if not compare_digest(m.digest(), view[n - MAC_SIZE:n]):
+                self.counters.add("auth")
+                continue
+            epoch.window.mark(seq)
+            link.rx_bytes += n
+            if kind == TYPE_DATA:
+                self._deliver(session_id, n)
+            elif kind == TYPE_ECHO and n == OVERHEAD + ECHO_PAYLOAD.size:
+                hb_seq, bitmap = ECHO_PAYLOAD.unpack_from(buf, HEADER_SIZE)
+                self._on_echo(link, hb_seq, bitmap)
+            else:
+                self.counters.add("bad_type")
+
+    def _deliver(self, session_id: int, n: int) -> None:
+        session = self.sessions_by_id.get(session_id)
+        if session is None:
+            self.counters.add("no_session")
+            return
+        session.packets += 1
+        try:
+            self.listen_sock.sendto(self._view[HEADER_SIZE:n - MAC_SIZE], session.addr)
+        except BlockingIOError:
+            self.counters.add("local_full")
+        except OSError as exc:
+            self._socket_error("listen", exc)
+
+    def _socket_error(self, what: str, exc: OSError) -> None:
+        self.counters.add("%s_errors" % what)
+        self.log.every("socket-error:" + what, ERROR_LOG_INTERVAL_S, "warn", "%s socket: %s" % (what, exc))
+
+    # -- handshake -----------------------------------------------------------
+
+    def _start_handshake(self) -> None:
+        """Agree a new epoch with the server (at start, and when every link went silent)."""
+        if self._hello_nonce is not None:
+            return
+        nonce = os.urandom(NONCE_SIZE)
+        while self.epoch is not None and epoch_tag(nonce) == self.epoch.tag:
+            nonce = os.urandom(NONCE_SIZE)
+        self._hello_nonce = nonce
+        self._send_hello()
+
+    def _send_hello(self) -> None:
+        self.reactor.cancel(self._hello_timer)
+        self._hello_timer = None
+        if self._hello_nonce is None:
+            return
+        payload = HELLO_PAYLOAD.pack(self._hello_nonce, bytes(NONCE_SIZE))
+        for link in self.links:
+            if link.sock is None:
+                continue
+            packet = seal(self.static.hello_mac, TYPE_HELLO, link.index, self.config.client_id, 0,
+                          epoch_tag(self._hello_nonce) << SEQ_BITS, payload)
+            try:
+                link.sock.sendto(packet, link.addr)
+            except OSError as exc:
+                self._link_error(link, exc)
+        self._hello_timer = self.reactor.call_later(
+            max(self.config.heartbeat_interval_s, HEARTBEAT_TIMEOUT_FLOOR_S), self._send_hello)
+
+    def _on_welcome(self, n: int) -> None:
+        if self._hello_nonce is None or n != OVERHEAD + WELCOME_PAYLOAD.size:
+            self.counters.add("stale_welcome")
+            return
+        if not verify(self.static.welcome_mac, self._view, n):
+            self.counters.add("auth")
+            return
+        client_nonce, server_nonce = WELCOME_PAYLOAD.unpack_from(self._buf, HEADER_SIZE)
+        if client_nonce != self._hello_nonce:
+            self.counters.add("stale_welcome")
+            return
+        self.epoch = Epoch(self.static.secret, client_nonce, server_nonce, is_client=True)
+        self._hello_nonce = None
+        self.reactor.cancel(self._hello_timer)
+        self._hello_timer = None
+        self.log.info("handshake done: epoch %04x" % self.epoch.tag)
+        now = self.reactor.time()
+        for link in self.links:  # the first packet under the new keys makes the server switch
+            self._schedule_heartbeat(link, now)
+
+    # -- heartbeats ------------------------------------------------------------
+
+    def _schedule_heartbeat(self, link: ClientLink, when: float) -> None:
+        self.reactor.cancel(link.hb_timer)
+        link.next_hb_at = when
+        link.hb_timer = self.reactor.call_at(when, self._heartbeat_tick, link)
+
+    def _heartbeat_tick(self, link: ClientLink) -> None:
+        now = self.reactor.time()
+        self._send_heartbeat(link, now)
+        health = link.health
+        interval = self.config.heartbeat_interval_s
+        if health.consecutive_fail:  # probing a link that missed: faster
+            interval = min(interval, health.timeout() / 2)
+        self._schedule_heartbeat(link, max(link.next_hb_at + interval, now))
+
+    def _send_heartbeat(self, link: ClientLink, now: float) -> None:
+        epoch = self.epoch
+        if epoch is None or link.sock is None:
+            return
+        link.hb_seq = link.hb_seq % 0xFFFFFFFF + 1
+        ctl = self._ctl
+        HEARTBEAT_PAYLOAD.pack_into(ctl, HEADER_SIZE, link.hb_seq, 0)
+        flags = TYPE_HEARTBEAT | (FLAG_ACTIVE if link is self.active else 0)
+        length = seal_into(ctl, epoch.tx_mac, flags, link.index, self.config.client_id, 0,
+                           epoch.next_nonce(), HEARTBEAT_PAYLOAD.size)
+        link.health.on_sent(link.hb_seq, now)
+        self.reactor.call_at(now + link.health.timeout(), self._on_heartbeat_timeout, link, link.hb_seq)
+        try:
+            link.sock.sendto(memoryview(ctl)[:length], link.addr)
+        except BlockingIOError:
+            self.counters.add("tx_full")
+        except OSError as exc:
+            self._link_error(link, exc)
+        else:
+            link.tx_bytes += length
+
+    def _on_heartbeat_timeout(self, link: ClientLink, seq: int) -> None:
+        now = self.reactor.time()
+        went_down = link.health.on_timeout(seq, now)
+        if link.health.consecutive_fail == 1 and link.next_hb_at - now > link.health.timeout() / 2:
+            self._schedule_heartbeat(link, now)  # first miss: probe at once, then fast
+        if went_down:
+            self.log.info("%s down after %d missed heartbeats" % (link.name, link.health.consecutive_fail))
+            self._evaluate_now(now)
+            if not any(l.health.up for l in self.links):
+                self._start_handshake()  # perhaps the server restarted and forgot our epoch
+
+    def _on_echo(self, link: ClientLink, seq: int, bitmap: int) -> None:
+        now = self.reactor.time()
+        if link.health.on_echo(seq, bitmap, now):
+            self.log.info("%s up, rtt %.1f ms" % (link.name, (link.health.srtt or 0) * 1000))
+            self._evaluate_now(now)
+
+    # -- choosing the active link -------------------------------------------
+
+    def _candidates(self) -> List[Candidate]:
+        cfg = self.config
+        return [Candidate(link.health.up and link.sock is not None, link.health.steady,
+                          link.health.score(cfg.loss_weight, cfg.rtt_weight, link.priority),
+                          link.meter.kbps())
+                for link in self.links]
+
+    def evaluate(self) -> None:
+        """The regular evaluation, every heartbeat interval."""
+        now = self.reactor.time()
+        for link in self.links:
+            link.meter.sample(now, link.tx_bytes + link.rx_bytes)
+        self._evaluate_now(now)
+        if self.log.debug_enabled:
+            for line in self.link_table():
+                self.log.debug(line)
+        self._maybe_write_score_file(now)
+
+    def _evaluate_now(self, now: float) -> None:
+        candidates = self._candidates()
+        active = self.active.index if self.active is not None else None
+        index, reason = self.policy.choose(candidates, active, self.last_switch_at, now)
+        if reason:
+            self._switch_to(self.links[index], reason, candidates, now)
+
+    def _switch_to(self, link: ClientLink, reason: str, candidates: List[Candidate], now: float) -> None:
+        old = self.active
+        self.active = link
+        self.last_switch_at = now
+        link.switches += 1
+        if old is not None:
+            self.log.info("switch %s -> %s: %s (score %.1f -> %.1f)" % (
+                old.name, link.name, reason, candidates[old.index].score, candidates[link.index].score))
+        self._schedule_heartbeat(link, now)  # tell the server at once where to send replies
+
+    # -- housekeeping --------------------------------------------------------
+
+    def _sweep(self) -> None:
+        now = self.reactor.time()
+        timeout = self.config.session_timeout_s
+        for session in list(self.sessions_by_id.values()):
+            if session.packets != session.seen_packets:
+                session.seen_packets = session.packets
+                session.last_active = now
+            elif now - session.last_active >= timeout:
+                del self.sessions_by_id[session.id]
+                del self.sessions_by_addr[session.addr]
+                self.log.debug("session %08x for %s expired" % (session.id, format_address(session.addr)))
+        if self.epoch is not None and self.epoch.tx_seq > SEQ_REKEY_AT:
+            self._start_handshake()
+
+    def _log_drops(self) -> None:
+        self._last_drop_report = log_counter_summary(self.log, "client", self.counters,
+                                                     self._last_drop_report)
+
+    _last_drop_report = None  # type: Optional[Dict[str, int]]
+
+    def status(self) -> Dict[str, Any]:
+        """The state a person or a script wants to see (no keys in it)."""
+        cfg = self.config
+        links = []
+        for link, cand in zip(self.links, self._candidates()):
+            health = link.health
+            links.append({
+                "index": link.index,
+                "address": link.endpoint.text,
+                "resolved": format_address(link.addr),
+                "state": "up" if cand.up else "down",
+                "steady": health.steady,
+                "srtt_ms": round(health.srtt * 1000, 3) if health.srtt is not None else None,
+                "rttvar_ms": round(health.rttvar * 1000, 3) if health.srtt is not None else None,
+                "jitter_ms": round(health.jitter * 1000, 3),
+                "loss": round(health.loss(), 4),
+                "loss_up": _round_or_none(health.loss_up()),
+                "loss_down": _round_or_none(health.loss_down()),
+                "score": round(cand.score, 2),
+                "kbps": round(cand.kbps, 1),
+                "priority": link.priority,
+                "active": link is self.active,
+                "switches": link.switches,
+            })
+        return {
+            "mode": "client",
+            "client_id": cfg.client_id,
+            "epoch": "%04x" % self.epoch.tag if self.epoch else None,
+            "sessions": len(self.sessions_by_id),
+            "links": links,
+            "counters": dict(self.counters),
+        }
+
+    def link_table(self) -> List[str]:
+        """The links as aligned text lines, for the debug log and the demo."""
+        rows = [("", "link", "address", "state", "srtt ms", "loss% up/down", "score", "kbps")]
+        for link in self.status()["links"]:
+            rows.append((
+                "*" if link["active"] else "",
+                str(link["index"]),
+                link["address"],
+                link["state"] + ("" if link["steady"] or link["state"] == "down" else "?"),
+                "-" if link["srtt_ms"] is None else "%.2f" % link["srtt_ms"],
+                "%s/%s" % (_percent(link["loss_up"]), _percent(link["loss_down"])),
+                "%.1f" % link["score"],
+                "%.1f" % link["kbps"],
+            ))
+        return format_table(rows)
+
+    def _maybe_write_score_file(self, now: float) -> None:
+        path = self.config.score_file
+        if not path:
+            return
+        if self._last_score_file_at is not None and now - self._last_score_file_at < SCORE_FILE_MIN_INTERVAL_S:
+            return
+        self._last_score_file_at = now
+        try:
+            write_json_atomically(path, dict(self.status(), time=time.time()))
+        except OSError as exc:
+            self.log.every("score-file", ERROR_LOG_INTERVAL_S, "warn", "cannot write score_file %s: %s" % (path, exc))
+
+
+def _round_or_none(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 4)
+
+
+def _percent(value: Optional[float]) -> str:
+    return "-" if value is None else "%.0f" % (value * 100)
+
+
+def format_table(rows: Sequence[Sequence[str]]) -> List[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def write_json_atomically(path: str, data: Any) -> None:
+    """Write then rename, so a reader never sees half a file."""
+    tmp = "%s.tmp%d" % (path, os.getpid())
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def log_counter_summary(log: Log, who: str, counters: Counters, last: Optional[Dict[str, int]]) -> Dict[str, int]:
+    """One line with what changed since the last summary; nothing when nothing did."""
+    now = dict(counters)
+    changes = {k: v - (last or {}).get(k, 0) for k, v in now.items() if v != (last or {}).get(k, 0)}
+    if changes:
+        log.info("%s drops and errors in the last %ds: %s" % (
+            who, DROP_SUMMARY_INTERVAL_S, " ".join("%s=%d" % kv for kv in sorted(changes.items()))))
+    return now
+
+
+# ============================================================================
+# Server
+# ============================================================================
+#
+# The handshake, and why replays cannot use it.  A client starts an epoch by
+# sending HELLO(client nonce) under its static key; the server answers
+# WELCOME(client nonce, fresh random server nonce), the same size, and keeps
+# the new epoch as *pending* (at most PENDING_EPOCHS_PER_CLIENT per client).
+# The first packet that verifies under a pending epoch's keys makes it the
+# client's epoch.  A replayed HELLO gets a WELCOME with a new random server
+# nonce, so it yields keys the attacker cannot use and under which no old
+# packet verifies; a replayed WELCOME does not match the client's nonce.
+# After either side restarts, the old epoch's keys are gone, so old packets
+# no longer verify at all.
+
+
+class ServerSession:
+    """One (client, session id): the upstream socket that stands for one local application."""
+
+    __slots__ = ("id", "peer", "sock", "packets", "seen_packets", "last_active")
+
+    def __init__(self, session_id: int, peer: "Peer", sock: socket.socket, now: float) -> None:
+        self.id = session_id
+        self.peer = peer
+        self.sock = sock
+        self.packets = 0
+        self.seen_packets = 0
+        self.last_active = now
+
+
+class Peer:
+    """One client as the server knows it: keys, epochs, return path, sessions."""
+
+    def __init__(self, client_id: int, secret: bytes, upstream: Endpoint) -> None:
+        self.client_id = client_id
+        self.static = StaticKeys(secret)
+        self.upstream = upstream
+        self.epoch = None  # type: Optional[Epoch]
+        self.pending = {}  # type: Dict[int, Epoch]  # tag -> epoch, oldest first
+        self.return_addr = None  # type: Optional[tuple]
+        self.return_link = 0
+        self.return_seq = 0  # the newest ACTIVE packet; older ones never move the path back
+        self.heartbeats = {}  # type: Dict[int, List[int]]  # link -> [last seq, bitmap]
+        self.sessions = {}  # type: Dict[int, ServerSession]
+        self.packets = 0
+        self.seen_packets = 0
+        self.last_heard = None  # type: Optional[float]
+        self.hello_budget = HELLOS_PER_SWEEP
+
+
+class Server:
+    """The server side: authenticated packets in, upstream sockets out, replies back."""
+
+    def __init__(self, config: "ServerConfig", reactor: Reactor, log: Log, resolver: Resolver) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.log = log
+        self.resolver = resolver
+        self.counters = Counters()
+        self._upstreams = {}  # type: Dict[str, Endpoint]
+        self.peers = {}  # type: Dict[int, Peer]
+        for client_id, secret in enumerate(config.static_secrets):
+            text, host, port = config.upstream_for(client_id)
+            if text not in self._upstreams:
+                self._upstreams[text] = Endpoint(text, host, port, self._on_upstream_change)
+            self.peers[client_id] = Peer(client_id, secret, self._upstreams[text])
+        self._buf = bytearray(RECV_BUFFER_SIZE)
+        self._view = memoryview(self._buf)
+        self._payload_view = self._view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
+        self._ctl = bytearray(OVERHEAD + 64)
+        self._periodic = []  # type: List[Periodic]
+        self._last_drop_report = None  # type: Optional[Dict[str, int]]
+        self.listen_sock = None  # type: Optional[socket.socket]
+
+    # -- life cycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.config
+        family, sockaddr = listen_address(cfg.listen_host, cfg.listen_port)
+        self.listen_sock = open_udp_socket(family, sockaddr)
+        self.reactor.add_reader(self.listen_sock, self._on_listen_readable)
+        self.log.info("server listening on %s for %d client(s), upstream %s" % (
+            format_address(self.listen_sock.getsockname()), len(self.peers),
+            ", ".join(sorted(self._upstreams))))
+        for endpoint in self._upstreams.values():
+            endpoint.start(self.reactor, self.resolver, self.log, cfg.dns_refresh_interval_s)
+        sweep = min(SWEEP_INTERVAL_CEILING_S, cfg.heartbeat_timeout_s / 2, cfg.session_timeout_s / 4)
+        self._periodic = [
+            self.reactor.call_every(sweep, self._sweep),
+            self.reactor.call_every(DROP_SUMMARY_INTERVAL_S, self._log_drops),
+        ]
+
+    def close(self) -> None:
+        for periodic in self._periodic:
+            periodic.cancel()
+        for endpoint in self._upstreams.values():
+            endpoint.close()
+        for peer in self.peers.values():
+            for session in list(peer.sessions.values()):
+                self._close_session(session)
+        if self.listen_sock is not None:
+            self.reactor.remove_reader(self.listen_sock)
+            self.listen_sock.close()
+            self.listen_sock = None
+
+    def _on_upstream_change(self, endpoint: Endpoint) -> None:
+        """New sessions use the new address; established ones keep their socket until they expire."""
+
+    # -- data path: link -> upstream -------------------------------------------
+
+    def _on_listen_readable(self) -> None:
+        sock = self.listen_sock
+        buf, view = self._buf, self._view
+        peers = self.peers
+        counters = self.counters
+        while True:
+            try:
+                n, addr = sock.recvfrom_into(view)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._socket_error("listen", exc)
+                return
+            if n < OVERHEAD:
+                counters.add("short")
+                continue
+            type_flags, link, client_id, session_id, nonce = HEADER.unpack_from(buf)
+            peer = peers.get(client_id)
+            if peer is None:
+                counters.add("unknown_client")
+                continue
+            kind = type_flags & TYPE_MASK
+            if kind == TYPE_HELLO:
+                self._on_hello(peer, link, addr, n)
+                continue
+            epoch = peer.epoch
+            tag = nonce >> SEQ_BITS
+            if epoch is None or epoch.tag != tag:
+                epoch = peer.pending.get(tag)
+                if epoch is None:
+                    counters.add("stale_epoch")
+                    continue
+            seq = nonce & SEQ_MASK
+            if not epoch.window.fresh(seq):
+                counters.add("replay")
+                continue
+            m = epoch.rx_mac.copy()
+            m.update(view[:n - MAC_SIZE])
+            if not compare_digest(m.digest(), view[n - MAC_SIZE:n]):
+                counters.add("auth")
+                continue
+            epoch.window.mark(seq)
+            if epoch is not peer.epoch:
+                self._adopt_epoch(peer, epoch)
+            peer.packets += 1
+            if type_flags & FLAG_ACTIVE and seq > peer.return_seq:
+                peer.return_seq = seq
+                if addr != peer.return_addr or link != peer.return_link:
+                    self._set_return_path(peer, link, addr)
+            if kind == TYPE_DATA:
+                self._forward_upstream(peer, session_id, n)
+            elif kind == TYPE_HEARTBEAT and n == OVERHEAD + HEARTBEAT_PAYLOAD.size:
+                self._echo(peer, link, addr)
+            else:
+                counters.add("bad_type")
+
+    def _forward_upstream(self, peer: Peer, session_id: int, n: int) -> None:
+        session = peer.sessions.get(session_id)
+        if session is None:
+            session = self._open_session(peer, session_id)
+            if session is None:
+                return
+        session.packets += 1
+        try:
+            session.sock.send(self._view[HEADER_SIZE:n - MAC_SIZE])
+        except BlockingIOError:
+            self.counters.add("upstream_full")
+        except OSError as exc:  # ECONNREFUSED: the upstream is not listening (yet)
+            self._socket_error("upstream", exc)
+
+    def _open_session(self, peer: Peer, session_id: int) -> Optional[ServerSession]:
+        if len(peer.sessions) >= self.config.max_sessions:
+            self.counters.add("session_limit")
+            self.log.every("session-limit:%d" % peer.client_id, ERROR_LOG_INTERVAL_S, "warn",
+                           "client %d: max_sessions (%d) reached, refusing a new session" % (
+                               peer.client_id, self.config.max_sessions))
+            return None
+        upstream = peer.upstream
+        if upstream.addr is None:
+            self.counters.add("upstream_unresolved")
+            return None
+        try:
+            sock = open_udp_socket(upstream.family)
+            sock.connect(upstream.addr)  # connected: only the upstream's replies, and its ICMP errors
+        except OSError as exc:
+            self._socket_error("upstream", exc)
+            return None
+        session = ServerSession(session_id, peer, sock, self.reactor.time())
+        peer.sessions[session_id] = session
+        self.reactor.add_reader(sock, lambda: self._on_upstream_readable(session))
+        self.log.debug("client %d: session %08x opened, upstream %s from %s" % (
+            peer.client_id, session_id, upstream.text, format_address(sock.getsockname())))
+        return session
+
+    def _close_session(self, session: ServerSession) -> None:
+        session.peer.sessions.pop(session.id, None)
+        self.reactor.remove_reader(session.sock)
+        session.sock.close()
+
+    # -- data path: upstream -> link -------------------------------------------
+
+    def _on_upstream_readable(self, session: ServerSession) -> None:
+        sock = session.sock
+        peer = session.peer
+        buf, view = self._buf, self._view
+        while True:
+            try:
+                n = sock.recv_into(self._payload_view)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # ICMP port unreachable for an earlier send
+                self._socket_error("upstream", exc)
+                continue
+            if n > MAX_DATA_PAYLOAD:
+                self.counters.add("oversize")
+                continue
+            session.packets += 1
+            epoch, addr = peer.epoch, peer.return_addr
+            if epoch is None or addr is None:
+                self.counters.add("no_return_path")
+                continue
+            HEADER.pack_into(buf, 0, TYPE_DATA, peer.return_link, peer.client_id, session.id,
+                             epoch.next_nonce())
+            end = HEADER_SIZE + n
+            m = epoch.tx_mac.copy()
+            m.update(view[:end])
+            buf[end:end + MAC_SIZE] = m.digest()
+            try:
+                self.listen_sock.sendto(view[:end + MAC_SIZE], addr)
+            except BlockingIOError:
+                self.counters.add("tx_full")
+            except OSError as exc:
+                self._socket_error("listen", exc)
+
+    # -- control ---------------------------------------------------------------
+
+    def _on_hello(self, peer: Peer, link: int, addr: tuple, n: int) -> None:
+        if n != OVERHEAD + HELLO_PAYLOAD.size or not verify(peer.static.hello_mac, self._view, n):
+            self.counters.add("auth")
+            return
+        client_nonce, _padding = HELLO_PAYLOAD.unpack_from(self._buf, HEADER_SIZE)
+        tag = epoch_tag(client_nonce)
+        if peer.epoch is not None and tag == peer.epoch.tag:
+            self.counters.add("replay")  # the HELLO of the running epoch, or a forged look-alike
+            return
+        if peer.hello_budget <= 0:
+            self.counters.add("hello_limit")
+            return
+        peer.hello_budget -= 1
+        epoch = peer.pending.get(tag)
+        if epoch is None or epoch.client_nonce != client_nonce:
+            epoch = Epoch(peer.static.secret, client_nonce, os.urandom(NONCE_SIZE), is_client=False)
+            peer.pending.pop(tag, None)
+            peer.pending[tag] = epoch
+            while len(peer.pending) > PENDING_EPOCHS_PER_CLIENT:
+                del peer.pending[next(iter(peer.pending))]
+        ctl = self._ctl
+        WELCOME_PAYLOAD.pack_into(ctl, HEADER_SIZE, client_nonce, epoch.server_nonce)
+        length = seal_into(ctl, peer.static.welcome_mac, TYPE_WELCOME, link, peer.client_id, 0, 0,
+                           WELCOME_PAYLOAD.size)
+        self._send_control(ctl, length, addr)
+
+    def _adopt_epoch(self, peer: Peer, epoch: Epoch) -> None:
+        peer.epoch = epoch
+        peer.pending.clear()
+        peer.return_seq = 0
+        peer.heartbeats.clear()
+        self.log.info("client %d: new epoch %04x" % (peer.client_id, epoch.tag))
+
+    def _set_return_path(self, peer: Peer, link: int, addr: tuple) -> None:
+        if peer.return_addr is not None:
+            self.log.info("client %d: replies now go by link %d (%s)" % (
+                peer.client_id, link, format_address(addr)))
+        else:
+            self.log.info("client %d: return path link %d (%s)" % (peer.client_id, link, format_address(addr)))
+        peer.return_addr = addr
+        peer.return_link = link
+
+    def _echo(self, peer: Peer, link: int, addr: tuple) -> None:
+        hb_seq, _reserved = HEARTBEAT_PAYLOAD.unpack_from(self._buf, HEADER_SIZE)
+        state = peer.heartbeats.get(link)
+        if state is None or hb_seq + 32 <= state[0] or hb_seq > state[0] + 0x7FFFFFFF:
+            state = peer.heartbeats[link] = [hb_seq, 0]  # first, or the client restarted its count
+        last, bitmap = state
+        if hb_seq > last:
+            bitmap = ((bitmap << (hb_seq - last)) | 1) & 0xFFFFFFFF
+            state[0] = last = hb_seq
+        else:
+            bitmap |= 1 << (last - hb_seq)
+        state[1] = bitmap
+        ctl = self._ctl
+        ECHO_PAYLOAD.pack_into(ctl, HEADER_SIZE, hb_seq, (bitmap >> (last - hb_seq)) & 0xFFFFFFFF)
+        length = seal_into(ctl, peer.epoch.tx_mac, TYPE_ECHO, link, peer.client_id, 0,
+                           peer.epoch.next_nonce(), ECHO_PAYLOAD.size)
+        self._send_control(ctl, length, addr)
+
+    def _send_control(self, ctl: bytearray, length: int, addr: tuple) -> None:
+        try:
+            self.listen_sock.sendto(memoryview(ctl)[:length], addr)
+        except BlockingIOError:
+            self.counters.add("tx_full")
+        except OSError as exc:
+            self._socket_error("listen", exc)
+
+    def _socket_error(self, what: str, exc: OSError) -> None:
+        self.counters.add("%s_errors" % what)
+        self.log.every("socket-error:" + what, ERROR_LOG_INTERVAL_S, "warn", "%s socket: %s" % (what, exc))
+
+    # -- housekeeping ----------------------------------------------------------
+
+    def _sweep(self) -> None:
+        now = self.reactor.time()
+        for peer in self.peers.values():
+            peer.hello_budget = HELLOS_PER_SWEEP
+            if peer.packets != peer.seen_packets:
+                peer.seen_packets = peer.packets
+                peer.last_heard = now
+            elif (peer.return_addr is not None and peer.last_heard is not None
+                  and now - peer.last_heard >= self.config.heartbeat_timeout_s):
+                peer.return_addr = None
+                self.log.info("client %d silent for %.0fs: return path dropped" % (
+                    peer.client_id, now - peer.last_heard))
+            for session in list(peer.sessions.values()):
+                if session.packets != session.seen_packets:
+                    session.seen_packets = session.packets
+                    session.last_active = now
+                elif now - session.last_active >= self.config.session_timeout_s:
+                    self._close_session(session)
+                    self.log.debug("client %d: session %08x expired" % (peer.client_id, session.id))
+
+    def _log_drops(self) -> None:
+        self._last_drop_report = log_counter_summary(self.log, "server", self.counters, self._last_drop_report)
+
+    def status(self) -> Dict[str, Any]:
+        clients = []
+        for peer in self.peers.values():
+            clients.append({
+                "client_id": peer.client_id,
+                "epoch": "%04x" % peer.epoch.tag if peer.epoch else None,
+                "return_link": peer.return_link if peer.return_addr else None,
+                "return_addr": format_address(peer.return_addr),
+                "upstream": peer.upstream.text,
+                "sessions": len(peer.sessions),
+            })
+        return {"mode": "server", "clients": clients, "counters": dict(self.counters)}
+
+
+# ============================================================================
+# Config
+# ============================================================================
+#
+# The original's JSON keys with the same meaning, plus keys for keys,
+# sessions and clients (README, "Configuration").  Only the section named by
+# "mode" is read.  Every problem names its key path; all are reported at once.
+
+REQUIRED = object()
+
+CLIENT_DEFAULTS = {
+    "heartbeat_interval_sec": 1.0,
+    "loss_weight": 5.0,
+    "rtt_weight": 1.0,
+    "switch_threshold": 25.0,
+    "throughput_threshold_kbps": 500.0,
+    "max_consecutive_fail": 5,
+    "dns_refresh_interval_sec": 600.0,
+    "debug": False,
+    "client_id": 0,
+    "score_file": "",
+    "session_timeout_sec": 180.0,
+    "max_sessions": 1024,
+    "log_target": "stderr",
+}
+
+SERVER_DEFAULTS = {
+    "heartbeat_timeout_sec": 10.0,
+    "session_timeout_sec": 180.0,
+    "max_sessions": 1024,
+    "dns_refresh_interval_sec": 600.0,
+    "debug": False,
+    "log_target": "stderr",
+}
+
+KEY_HELP = "generate one with: python3 keygen.py"
+
+
+class _Section:
+    """Reads one JSON object, collecting errors by key path instead of stopping at the first."""
+
+    def __init__(self, data: Any, path: str, errors: List[str], warnings: List[str]) -> None:
+        self.path = path
+        self.errors = errors
+        self.warnings = warnings
+        if not isinstance(data, dict):
+            self.error("", "must be a JSON object")
+            data = {}
+        self.data = data
+        self.used = set()  # type: set
+
+    def key_path(self, key: str) -> str:
+        return "%s.%s" % (self.path, key) if key else self.path
+
+    def error(self, key: str, message: str) -> None:
+        self.errors.append("%s: %s" % (self.key_path(key), message))
+
+    def get(self, key: str, kind: str, default: Any = REQUIRED) -> Any:
+        """The value of `key` checked to be of `kind`: str, int, number, bool, list, object."""
+        self.used.add(key)
+        if key not in self.data:
+            if default is REQUIRED:
+                self.error(key, "is required")
+            return None if default is REQUIRED else default
+        value = self.data[key]
+        ok = {
+            "str": isinstance(value, str),
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "list": isinstance(value, list),
+            "object": isinstance(value, dict),
+        }[kind]
+        if not ok:
+            self.error(key, "must be %s, not %s" % (_KIND_NAMES[kind], json.dumps(value)[:40]))
+            return None if default is REQUIRED else default
+        return value
+
+    def number(self, key: str, default: Any, minimum: float, allow_zero: bool = False) -> Any:
+        value = self.get(key, "number", default)
+        if value is not None and not (value >= minimum or (allow_zero and value == 0)):
+            self.error(key, "must be at least %g%s" % (minimum, " (or 0 for never)" if allow_zero else ""))
+        return value
+
+    def integer(self, key: str, default: Any, minimum: int, maximum: int) -> Any:
+        value = self.get(key, "int", default)
+        if value is not None and not minimum <= value <= maximum:
+            self.error(key, "must be from %d to %d" % (minimum, maximum))
+        return value
+
+    def address(self, key: str, listen: bool = False) -> Optional[Tuple[str, str, int]]:
+        """(text, host, port) of a "host:port", "[v6]:port" or (listen only) ":port" value."""
+        text = self.get(key, "str")
+        if text is None:
+            return None
+        try:
+            host, port = split_host_port(text)
+        except ValueError as exc:
+            self.error(key, "%r: %s" % (text, exc))
+            return None
+        if not listen and (not host or port == 0):
+            self.error(key, "%r: needs a host and a port from 1 to 65535" % text)
+            return None
+        return text, host, port
+
+    def key(self, key: str) -> Optional[bytes]:
+        text = self.get(key, "str")
+        if text is None:
+            return None
+        try:
+            return decode_key(text)
+        except ProtocolError as exc:
+            self.error(key, "%s; %s" % (exc, KEY_HELP))
+            return None
+
+    def finish(self, also_known: Sequence[str] = ()) -> None:
+        """Warn about keys nobody asked for, with the closest known key as a hint."""
+        known = sorted(self.used | set(also_known))
+        for key in self.data:
+            if key not in self.used and key not in also_known:
+                close = get_close_matches(key, known, n=1)
+                self.warnings.append("%s: unknown key%s" % (
+                    self.key_path(key), "; did you mean %r?" % close[0] if close else ""))
+
+
+_KIND_NAMES = {"str": "a string", "int": "an integer", "number": "a number", "bool": "true or false",
+               "list": "a list", "object": "an object"}
+
+
+class LinkConfig:
+    def __init__(self, remote_addr: str, host: str, port: int, priority: float) -> None:
+        self.remote_addr, self.host, self.port, self.priority = remote_addr, host, port, priority
+
+
+class ClientConfig:
+    """The client section, checked; `static_secret` is derived from the keys."""
+
+    def __repr__(self) -> str:  # never print keys
+        return "ClientConfig(listen_addr=%r, links=%d)" % (self.listen_addr, len(self.links))
+
+
+class ServerConfig:
+    """The server section, checked; `static_secrets[i]` belongs to client id i."""
+
+    def __repr__(self) -> str:
+        return "ServerConfig(listen_addr=%r, clients=%d)" % (self.listen_addr, len(self.client_public_keys))
+
+    def upstream_for(self, client_id: int) -> Tuple[str, str, int]:
+        if self.upstream_addrs and client_id < len(self.upstream_addrs):
+            return self.upstream_addrs[client_id]
+        return self.upstream
+
+
+class Config:
+    def __init__(self, mode: str, section: Any, warnings: List[str], path: str) -> None:
+        self.mode, self.section, self.warnings, self.path = mode, section, warnings, path
+
+
+def _read_common(section: _Section, cfg: Any, defaults: Dict[str, Any]) -> None:
+    cfg.debug = section.get("debug", "bool", defaults["debug"])
+    cfg.log_target = section.get("log_target", "str", defaults["log_target"])
+    if cfg.log_target not in ("stderr", "syslog"):
+        section.error("log_target", "must be \"stderr\" or \"syslog\"")
+    cfg.session_timeout_s = section.number("session_timeout_sec", defaults["session_timeout_sec"], 1.0)
+    cfg.max_sessions = section.integer("max_sessions", defaults["max_sessions"], 1, 1 << 20)
+    cfg.dns_refresh_interval_s = section.number("dns_refresh_interval_sec", defaults["dns_refresh_interval_sec"],
+                                                1.0, allow_zero=True)
+
+
+def _read_client(section: _Section, top_debug: bool) -> ClientConfig:
+    d = CLIENT_DEFAULTS
+    cfg = ClientConfig()
+    listen = section.address("listen_addr", listen=True)
+    cfg.listen_addr, cfg.listen_host, cfg.listen_port = listen or ("", "", 0)
+    cfg.links = []
+    links = section.get("links", "list")
+    if links is not None and not links:
+        section.error("links", "needs at least one link")
+    for i, item in enumerate(links or []):
+        link = _Section(item, "%s.links[%d]" % (section.path, i), section.errors, section.warnings)
+        remote = link.address("remote_addr")
+        priority = link.number("priority", 0, -1e9)
+        link.finish()
+        if remote is not None:
+            cfg.links.append(LinkConfig(remote[0], remote[1], remote[2], priority))
+    if len(cfg.links) > 255:
+        section.error("links", "at most 255 links")
+    cfg.heartbeat_interval_s = section.number("heartbeat_interval_sec", d["heartbeat_interval_sec"], 0.05)
+    cfg.loss_weight = section.number("loss_weight", d["loss_weight"], 0)
+    cfg.rtt_weight = section.number("rtt_weight", d["rtt_weight"], 0)
+    cfg.switch_threshold = section.number("switch_threshold", d["switch_threshold"], 0)
+    cfg.throughput_threshold_kbps = section.number("throughput_threshold_kbps", d["throughput_threshold_kbps"], 0)
+    cfg.max_consecutive_fail = section.integer("max_consecutive_fail", d["max_consecutive_fail"], 1, 1000)
+    cfg.client_id = section.integer("client_id", d["client_id"], 0, 0xFFFF)
+    cfg.score_file = section.get("score_file", "str", d["score_file"])
+    _read_common(section, cfg, d)
+    cfg.debug = cfg.debug or top_debug
+    cfg.private_key = section.key("client_private_key")
+    cfg.server_public_key = section.key("server_public_key")
+    section.finish()
+    if cfg.private_key is not None and cfg.server_public_key is not None:
+        try:
+            own_public = public_key(cfg.private_key)
+            cfg.static_secret = static_secret(cfg.private_key, cfg.server_public_key, own_public,
+                                              cfg.server_public_key)
+        except ProtocolError as exc:
+            section.error("server_public_key", str(exc))
+    return cfg
+
+
+def _read_server(section: _Section, top_debug: bool) -> ServerConfig:
+    d = SERVER_DEFAULTS
+    cfg = ServerConfig()
+    listen = section.address("listen_addr", listen=True)
+    cfg.listen_addr, cfg.listen_host, cfg.listen_port = listen or ("", "", 0)
+    cfg.heartbeat_timeout_s = section.number("heartbeat_timeout_sec", d["heartbeat_timeout_sec"], 0.1)
+    _read_common(section, cfg, d)
+    cfg.debug = cfg.debug or top_debug
+    cfg.private_key = section.key("server_private_key")
+    cfg.client_public_keys = _read_client_keys(section)
+    cfg.upstream_addrs = None
+    if "upstream_addrs" in section.data:
+        addrs = section.get("upstream_addrs", "list") or []
+        holder = _Section({str(i): v for i, v in enumerate(addrs)}, section.path + ".upstream_addrs",
+                          section.errors, section.warnings)
+        cfg.upstream_addrs = [holder.address(str(i)) for i in range(len(addrs))]
+        cfg.upstream_addrs = [a for a in cfg.upstream_addrs if a is not None]
+    needs_default = cfg.upstream_addrs is None or len(cfg.upstream_addrs) < len(cfg.client_public_keys)
+    cfg.upstream = section.address("upstream_addr") if needs_default or "upstream_addr" in section.data else None
+    section.finish(also_known=("client_public_key", "client_public_keys", "upstream_addrs"))
+    cfg.static_secrets = []
+    if cfg.private_key is not None:
+        own_public = public_key(cfg.private_key)
+        for i, client_public in enumerate(cfg.client_public_keys):
+            try:
+                cfg.static_secrets.append(static_secret(cfg.private_key, client_public, client_public, own_public))
+            except ProtocolError as exc:
+                section.error("client_public_keys[%d]" % i, str(exc))
+    return cfg
+
+
+def _read_client_keys(section: _Section) -> List[bytes]:
+    if "client_public_keys" in section.data:
+        keys = section.get("client_public_keys", "list") or []
+        if not keys:
+            section.error("client_public_keys", "needs at least one key")
+        holder = _Section({"client_public_keys[%d]" % i: k for i, k in enumerate(keys)}, section.path,
+                          section.errors, section.warnings)
+        found = [holder.key("client_public_keys[%d]" % i) for i in range(len(keys))]
+        if len(found) > 0xFFFF:
+            section.error("client_public_keys", "at most 65535 clients")
+        return [k for k in found if k is not None]
+    if "client_public_key" in section.data:
+        key = section.key("client_public_key")
+        return [key] if key is not None else []
+    section.error("client_public_keys", "is required (a list of the clients' public keys; the index is the client_id)")
+    return []
+
+
+def parse_config(data: Any, path: str = "config") -> Config:
+    """Check a parsed JSON config; ConfigError lists every problem, one per line."""
+    errors, warnings = [], []  # type: List[str], List[str]
+    top = _Section(data, "", errors, warnings)
+    mode = top.get("mode", "str")
+    top_debug = top.get("debug", "bool", False)
+    section = None
+    if mode in ("client", "server"):
+        sub = _Section(top.get(mode, "object"), mode, errors, warnings)
+        section = _read_client(sub, top_debug) if mode == "client" else _read_server(sub, top_debug)
+    elif mode is not None:
+        errors.append("mode: must be \"client\" or \"server\", not %s" % json.dumps(mode))
+    top.finish(also_known=("client", "server"))
+    errors = [e.lstrip(".") for e in errors]
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return Config(mode, section, [w.lstrip(".") for w in warnings], path)
+
+
+def load_config(path: str) -> Config:
+    """Read and check the config file at `path`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError("%s: cannot read: %s" % (path, exc.strerror or exc)) from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError("%s: not valid JSON: %s" % (path, exc)) from None
+    config = parse_config(data, path)
+    try:
+        if os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH):
+            config.warnings.append("%s: readable by other users, but it holds a private key; "
+                                   "chmod 600 %s" % (path, path))
+    except OSError:
+        pass
+    return config
+
+
+# ============================================================================
+# Demo: a server, a client, two emulated links and an echo in one process
+# ============================================================================
+
+
+class DemoLink:
+    """A loopback UDP proxy standing for one path, with settable delay and blackhole."""
+
+    def __init__(self, reactor: Reactor, target: tuple) -> None:
+        self.reactor = reactor
+        self.target = target
+        self.delay_s = 0.0
+        self.blackhole = False
+        self.listen = open_udp_socket(socket.AF_INET, ("127.0.0.1", 0))
+        self.upstream = open_udp_socket(socket.AF_INET, ("127.0.0.1", 0))
+        self.client_addr = None  # type: Optional[tuple]
+        reactor.add_reader(self.listen, self._from_client)
+        reactor.add_reader(self.upstream, self._from_server)
+
+    @property
+    def address(self) -> str:
+        return "127.0.0.1:%d" % self.listen.getsockname()[1]
+
+    def _from_client(self) -> None:
+        for data, addr in _drain(self.listen):
+            self.client_addr = addr
+            self._pass(self.upstream, data, self.target)
+
+    def _from_server(self) -> None:
+        for data, _addr in _drain(self.upstream):
+            if self.client_addr is not None:
+                self._pass(self.listen, data, self.client_addr)
+
+    def _pass(self, sock: socket.socket, data: bytes, addr: tuple) -> None:
+        if self.blackhole:
+            return
+        if self.delay_s:
+            self.reactor.call_later(self.delay_s, _send_quietly, sock, data, addr)
+        else:
+            _send_quietly(sock, data, addr)
+
+    def close(self) -> None:
+        for sock in (self.listen, self.upstream):
+            self.reactor.remove_reader(sock)
+            sock.close()
+
+
+def _drain(sock: socket.socket):
+    while True:
+        try:
+            yield sock.recvfrom(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            continue
+
+
+def _send_quietly(sock: socket.socket, data: bytes, addr: tuple) -> None:
+    try:
+        sock.sendto(data, addr)
+    except OSError:
+        pass
+
+
+def run_demo(seconds: float = 12.0, out=None) -> int:
+    """Relay an echo stream over two loopback links; degrade one, then kill the other."""
+    out = out or sys.stdout
+    log = Log(stream=out)
+    reactor = Reactor(log=log)
+    resolver = Resolver(reactor)
+    echo = open_udp_socket(socket.AF_INET, ("127.0.0.1", 0))
+    reactor.add_reader(echo, lambda: [_send_quietly(echo, d, a) for d, a in _drain(echo)])
+    server_key, client_key = generate_private_key(), generate_private_key()
+    server = Server(parse_config({"mode": "server", "server": {
+        "listen_addr": "127.0.0.1:0", "upstream_addr": "127.0.0.1:%d" % echo.getsockname()[1],
+        "server_private_key": encode_key(server_key),
+        "client_public_keys": [encode_key(public_key(client_key))]}}).section, reactor, log, resolver)
+    server.start()
+    links = [DemoLink(reactor, server.listen_sock.getsockname()) for _ in range(2)]
+    client = Client(parse_config({"mode": "client", "client": {
+        "listen_addr": "127.0.0.1:0", "links": [{"remote_addr": link.address} for link in links],
+        "heartbeat_interval_sec": 0.2, "client_private_key": encode_key(client_key),
+        "server_public_key": encode_key(public_key(server_key))}}).section, reactor, log, resolver)
+    client.start()
+    app = open_udp_socket(socket.AF_INET, ("127.0.0.1", 0))
+    stats = {"sent": 0, "received": 0, "last_rx": None, "gap": 0.0}
+    start = reactor.time()
+
+    def on_reply() -> None:
+        for _data, _addr in _drain(app):
+            now = reactor.time()
+            if stats["last_rx"] is not None and stats["received"] > 0:
+                stats["gap"] = max(stats["gap"], now - stats["last_rx"])
+            stats["last_rx"] = now
+            stats["received"] += 1
+
+    def send() -> None:
+        stats["sent"] += 1
+        _send_quietly(app, b"ping %d" % stats["sent"], client.listen_sock.getsockname())
+
+    def report() -> None:
+        out.write("\n t=%4.1fs  sent %d  echoed %d  longest gap %.0f ms\n" % (
+            reactor.time() - start, stats["sent"], stats["received"], stats["gap"] * 1000))
+        for line in client.link_table():
+            out.write("   " + line + "\n")
+        out.flush()
+
+    def event(message: str, action: Callable[[], None]) -> None:
+        out.write("\n>>> %s\n" % message)
+        action()
+
+    reactor.add_reader(app, on_reply)
+    reactor.call_every(0.02, send)
+    reactor.call_every(1.0, report)
+    reactor.call_at(start + seconds * 0.3, event, "link 0 gets 40 ms of extra delay each way",
+                    lambda: setattr(links[0], "delay_s", 0.04))
+    reactor.call_at(start + seconds * 0.6, event, "link 1 dies (blackhole)",
+                    lambda: setattr(links[1], "blackhole", True))
+    reactor.call_at(start + seconds, reactor.stop)
+    try:
+        reactor.run()
+    finally:
+        client.close()
+        server.close()
+        for link in links:
+            link.close()
+        resolver.close()
+        reactor.close()
+    out.write("\ndemo done: %d sent, %d echoed back, longest gap %.0f ms\n" % (
+        stats["sent"], stats["received"], stats["gap"] * 1000))
+    return 0 if stats["received"] > 0 else 1
+
+
+# ============================================================================
+# Command line
+# ============================================================================
+
+
+def describe(config: Config) -> List[str]:
+    """What a config means, for --check (never the keys themselves)."""
+    cfg = config.section
+    lines = ["mode: %s" % config.mode, "listen_addr: %s" % (cfg.listen_addr or ":%d" % cfg.listen_port)]
+    if config.mode == "client":
+        lines.append("client_id: %d" % cfg.client_id)
+        for i, link in enumerate(cfg.links):
+            numeric = numeric_address(link.host, link.port)
+            lines.append("links[%d]: %s%s, priority %g" % (
+                i, link.remote_addr, "" if numeric else " (host name, resolved at start)", link.priority))
+        lines.append("heartbeat every %gs, down after %d misses, switch when better by %g" % (
+            cfg.heartbeat_interval_s, cfg.max_consecutive_fail, cfg.switch_threshold))
+    else:
+        for i in range(len(cfg.client_public_keys)):
+            lines.append("client %d: upstream %s" % (i, cfg.upstream_for(i)[0]))
+        lines.append("heartbeat_timeout_sec: %g" % cfg.heartbeat_timeout_s)
+    lines.append("session_timeout_sec: %g, max_sessions: %d" % (cfg.session_timeout_s, cfg.max_sessions))
+    return lines
+
+
+def run(config: Config) -> int:
+    """Run the client or server of `config` until SIGINT or SIGTERM."""
+    cfg = config.section
+    log = Log(debug=cfg.debug, target=cfg.log_target)
+    reactor = Reactor(log=log)
+    resolver = Resolver(reactor)
+    node = Client(cfg, reactor, log, resolver) if config.mode == "client" else Server(cfg, reactor, log, resolver)
+    try:
+        node.start()
+    except OSError as exc:
+        log.error("cannot start: %s" % exc)
+        return 1
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        reactor.add_signal_handler(signum, reactor.stop)
+    log.info("mpudp %s running as %s (pid %d)" % (__version__, config.mode, os.getpid()))
+    try:
+        reactor.run()
+    finally:
+        log.info("stopping")
+        node.close()
+        resolver.close()
+        reactor.close()
+    return 0
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpudp.py", description="Multipath UDP relay: client and server in one file.")
+    parser.add_argument("-config", "--config", default="config.json", metavar="PATH",
+                        help="the JSON config file (default: config.json)")
+    parser.add_argument("--check", action="store_true", help="check the config, say what it means, and exit")
+    parser.add_argument("--demo", action="store_true",
+                        help="run a server, a client, two loopback links and an echo, and show a failover")
+    parser.add_argument("--demo-seconds", type=float, default=12.0, help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version="mpudp %s" % __version__)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    if args.demo:
+        return run_demo(args.demo_seconds)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            sys.stderr.write("mpudp: config error: %s\n" % line)
+        return 2
+    for warning in config.warnings:
+        sys.stderr.write("mpudp: warning: %s\n" % warning)
+    if args.check:
+        for line in describe(config):
+            print(line)
+        print("config OK")
+        return 0
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
