@@ -1,0 +1,298 @@
+"""Shared test fixtures: fake clock, keys, echo upstream, mpudp processes, relay pairs.
+
+Everything here uses loopback only and waits on events (a log line, a datagram,
+a counter) with generous bounds, never on fixed sleeps.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import mpudp  # noqa: E402
+from linkemu import LinkEmulator  # noqa: E402
+
+MPUDP = os.path.join(ROOT, "mpudp.py")
+KEYGEN = os.path.join(ROOT, "keygen.py")
+WAIT_S = 15.0  # functional bound for anything a test waits on; generous for a loaded CI
+
+
+# -- fake time ---------------------------------------------------------------
+
+
+class FakeClock:
+    """A clock the test moves by hand (Twisted's task.Clock, Trio's MockClock)."""
+
+    def __init__(self, start=1000.0):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def run_for(reactor, clock, seconds, step=0.01):
+    """Advance a fake-clock reactor by `seconds` in `step`s, firing timers (and polling sockets)."""
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.advance(min(step, end - clock.now))
+        reactor.run_once(0)
+
+
+# -- keys and addresses ------------------------------------------------------
+
+
+def keypair():
+    """(private_b64, public_b64) of a fresh X25519 key."""
+    private = mpudp.generate_private_key()
+    return mpudp.encode_key(private), mpudp.encode_key(mpudp.public_key(private))
+
+
+def free_udp_port(host="127.0.0.1"):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def addr_text(host, port):
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def ipv6_available():
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+# -- an echo upstream --------------------------------------------------------
+
+
+class EchoServer:
+    """A UDP echo on loopback in a thread; records every datagram and its source."""
+
+    def __init__(self, host="127.0.0.1", port=0):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.bind((host, port))
+        self.sock.settimeout(0.2)
+        self.address = self.sock.getsockname()[:2]
+        self.received = []  # (data, source)
+        self.cond = threading.Condition()
+        self.echo = True
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @property
+    def text(self):
+        return addr_text(*self.address)
+
+    def _run(self):
+        while not self._stop:
+            try:
+                data, source = self.sock.recvfrom(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._stop:
+                    return
+                continue
+            with self.cond:
+                self.received.append((data, source))
+                self.cond.notify_all()
+            if self.echo:
+                try:
+                    self.sock.sendto(data, source)
+                except OSError:
+                    pass
+
+    def wait_for(self, predicate, timeout=WAIT_S):
+        with self.cond:
+            return self.cond.wait_for(lambda: predicate(self.received), timeout)
+
+    def sources(self):
+        with self.cond:
+            return {source for _data, source in self.received}
+
+    def close(self):
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+
+
+# -- mpudp processes ---------------------------------------------------------
+
+
+class MpudpProcess:
+    """`python3 mpudp.py -config=PATH` as a child process; its stderr lines are kept and waitable."""
+
+    def __init__(self, config_path, *extra_args):
+        self.config_path = config_path
+        self.proc = subprocess.Popen(
+            [sys.executable, MPUDP, "-config=%s" % config_path] + list(extra_args),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, cwd=ROOT)
+        self.lines = []
+        self.cond = threading.Condition()
+        self._readers = [threading.Thread(target=self._read, args=(stream,), daemon=True)
+                         for stream in (self.proc.stderr, self.proc.stdout)]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream):
+        for line in stream:
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait_for_line(self, text, timeout=WAIT_S, start=0):
+        """Index of the first line from `start` on containing `text`; fails the test if none comes."""
+        def find():
+            for i in range(start, len(self.lines)):
+                if text in self.lines[i]:
+                    return i
+            return None
+
+        with self.cond:
+            found = self.cond.wait_for(lambda: find() is not None or self.proc.poll() is not None, timeout)
+            index = find()
+        if index is None:
+            raise AssertionError("no line with %r within %ss (exit %r); output:\n%s" % (
+                text, timeout, self.proc.poll(), "\n".join(self.lines[-40:])))
+        return index
+
+    def count_lines(self, text):
+        with self.cond:
+            return sum(1 for line in self.lines if text in line)
+
+    def output(self):
+        with self.cond:
+            return "\n".join(self.lines)
+
+    def stop(self, sig=signal.SIGTERM, timeout=WAIT_S):
+        """Signal the process and return its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for reader in self._readers:
+            reader.join(2)
+        return self.proc.returncode
+
+
+def write_config(directory, data, name="config.json"):
+    path = os.path.join(str(directory), name)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    os.chmod(path, 0o600)
+    return path
+
+
+class RelayPair:
+    """An echo upstream, an mpudp server, N link emulators and an mpudp client, all on loopback.
+
+    Tests talk to the client's listen address with `app_socket()` and steer the
+    links through `self.links[i].set(...)` (see linkemu.LinkEmulator).
+    """
+
+    def __init__(self, directory, links=2, host="127.0.0.1", client=None, server=None, emulate=True,
+                 echo_host=None):
+        self.directory = directory
+        self.host = host
+        self.echo = EchoServer(echo_host or host)
+        self.server_keys, self.client_keys = keypair(), keypair()
+        self.server_port = free_udp_port(host)
+        server_cfg = {
+            "listen_addr": addr_text(host, self.server_port),
+            "upstream_addr": self.echo.text,
+            "server_private_key": self.server_keys[0],
+            "client_public_keys": [self.client_keys[1]],
+        }
+        server_cfg.update(server or {})
+        self.server_config = write_config(directory, {"mode": "server", "server": server_cfg}, "server.json")
+        self.server = MpudpProcess(self.server_config)
+        self.server.wait_for_line("server listening on")
+        target = (host, self.server_port)
+        self.links = [LinkEmulator(target, listen=(host, 0), seed=i).start() for i in range(links)] if emulate else []
+        remotes = [addr_text(*link.address[:2]) for link in self.links] or [addr_text(*target)] * links
+        self.client_port = free_udp_port(host)
+        client_cfg = {
+            "listen_addr": addr_text(host, self.client_port),
+            "links": [{"remote_addr": r} for r in remotes],
+            "heartbeat_interval_sec": 0.2,
+            "client_private_key": self.client_keys[0],
+            "server_public_key": self.server_keys[1],
+        }
+        client_cfg.update(client or {})
+        self.client_cfg = client_cfg
+        self.client_config = write_config(directory, {"mode": "client", "client": client_cfg}, "client.json")
+        self.client = MpudpProcess(self.client_config)
+        self.client.wait_for_line("handshake done")
+
+    @property
+    def client_address(self):
+        return (self.host, self.client_port)
+
+    def app_socket(self, timeout=WAIT_S):
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        s.bind((self.host, 0))
+        s.settimeout(timeout)
+        return s
+
+    def round_trip(self, sock, payload, timeout=WAIT_S):
+        """Send until an echo of `payload` comes back (the first datagrams may race the handshake)."""
+        deadline = time.monotonic() + timeout
+        sock.settimeout(0.25)
+        while time.monotonic() < deadline:
+            sock.sendto(payload, self.client_address)
+            try:
+                while True:
+                    data, _ = sock.recvfrom(65536)
+                    if data == payload:
+                        return data
+            except socket.timeout:
+                continue
+        raise AssertionError("no echo of %r within %ss" % (payload[:20], timeout))
+
+    def close(self):
+        codes = {"client": self.client.stop(), "server": self.server.stop()}
+        for link in self.links:
+            link.close()
+        self.echo.close()
+        return codes
+
+
+@pytest.fixture
+def relay_pair(tmp_path):
+    """A factory for RelayPair; everything it made is stopped at the end of the test."""
+    made = []
+
+    def make(**kwargs):
+        pair = RelayPair(tmp_path, **kwargs)
+        made.append(pair)
+        return pair
+
+    yield make
+    for pair in made:
+        pair.close()
