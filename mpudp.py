@@ -1414,7 +1414,7 @@ class Client:
         self._send_heartbeat(link, now)
         health = link.health
         interval = self.config.heartbeat_interval_s
-        if health.consecutive_fail:  # probing a link that missed: faster
+        if health.up and health.consecutive_fail:  # a link that just missed: probe faster
             interval = min(interval, health.timeout() / 2)
         self._schedule_heartbeat(link, max(link.next_hb_at + interval, now))
 
@@ -1442,7 +1442,8 @@ class Client:
     def _on_heartbeat_timeout(self, link: ClientLink, seq: int) -> None:
         now = self.reactor.time()
         went_down = link.health.on_timeout(seq, now)
-        if link.health.consecutive_fail == 1 and link.next_hb_at - now > link.health.timeout() / 2:
+        health = link.health
+        if health.up and health.consecutive_fail == 1 and link.next_hb_at - now > health.timeout() / 2:
             self._schedule_heartbeat(link, now)  # first miss: probe at once, then fast
         if went_down:
             self.log.info("%s down after %d missed heartbeats" % (link.name, link.health.consecutive_fail))
@@ -1864,12 +1865,12 @@ class Server:
         if peer.epoch is not None and tag == peer.epoch.tag:
             self.counters.add("replay")  # the HELLO of the running epoch, or a forged look-alike
             return
-        if peer.hello_budget <= 0:
-            self.counters.add("hello_limit")
-            return
-        peer.hello_budget -= 1
         epoch = peer.pending.get(tag)
         if epoch is None or epoch.client_nonce != client_nonce:
+            if peer.hello_budget <= 0:  # bounds the key derivations a HELLO replay can cause
+                self.counters.add("hello_limit")
+                return
+            peer.hello_budget -= 1
             epoch = Epoch(peer.static.secret, client_nonce, os.urandom(NONCE_SIZE), is_client=False)
             peer.pending.pop(tag, None)
             peer.pending[tag] = epoch
