@@ -1186,9 +1186,7 @@ class Client:
             periodic.cancel()
         self.reactor.cancel(self._hello_timer)
         for link in self.links:
-            link.endpoint.close()
-            self.reactor.cancel(link.hb_timer)
-            self._close_link_socket(link)
+            self._retire_link(link)
         if self.listen_sock is not None:
             self.reactor.remove_reader(self.listen_sock)
             self.listen_sock.close()
@@ -1410,6 +1408,8 @@ class Client:
         link.hb_timer = self.reactor.call_at(when, self._heartbeat_tick, link)
 
     def _heartbeat_tick(self, link: ClientLink) -> None:
+        if link.sock is None and link not in self.links:
+            return  # removed by a reload
         now = self.reactor.time()
         self._send_heartbeat(link, now)
         health = link.health
@@ -1540,9 +1540,12 @@ class Client:
                 "active": link is self.active,
                 "switches": link.switches,
             })
+        now = self.reactor.time()
         return {
             "mode": "client",
+            "pid": os.getpid(),
             "client_id": cfg.client_id,
+            "last_switch_ago_s": None if self.last_switch_at is None else round(now - self.last_switch_at, 1),
             "epoch": "%04x" % self.epoch.tag if self.epoch else None,
             "sessions": len(self.sessions_by_id),
             "links": links,
@@ -1551,19 +1554,61 @@ class Client:
 
     def link_table(self) -> List[str]:
         """The links as aligned text lines, for the debug log and the demo."""
-        rows = [("", "link", "address", "state", "srtt ms", "loss% up/down", "score", "kbps")]
-        for link in self.status()["links"]:
-            rows.append((
-                "*" if link["active"] else "",
-                str(link["index"]),
-                link["address"],
-                link["state"] + ("" if link["steady"] or link["state"] == "down" else "?"),
-                "-" if link["srtt_ms"] is None else "%.2f" % link["srtt_ms"],
-                "%s/%s" % (_percent(link["loss_up"]), _percent(link["loss_down"])),
-                "%.1f" % link["score"],
-                "%.1f" % link["kbps"],
-            ))
-        return format_table(rows)
+        return link_table_lines(self.status()["links"])
+
+    def status_lines(self) -> List[str]:
+        """The status as text: the link table and a summary line (SIGUSR1, --status)."""
+        return client_status_lines(self.status())
+
+    def reconfigure(self, new: "ClientConfig") -> None:
+        """Apply a reloaded config (keys and listen address unchanged): links, weights, intervals.
+
+        Links are matched by remote_addr, so a kept link keeps its socket, its
+        measurements and, if it was active, the traffic; sessions are untouched.
+        """
+        now = self.reactor.time()
+        old = {link.endpoint.text: link for link in self.links}
+        refresh_changed = new.dns_refresh_interval_s != self.config.dns_refresh_interval_s
+        self.config = new
+        links = []
+        for index, spec in enumerate(new.links):
+            link = old.pop(spec.remote_addr, None)
+            if link is None:
+                link = self._new_link(index, spec)
+                self.log.info("reload: %s added" % link.name)
+            elif refresh_changed:
+                link.endpoint.close()
+                link.endpoint.start(self.reactor, self.resolver, self.log, new.dns_refresh_interval_s)
+            link.index, link.priority = index, spec.priority
+            link.health.max_consecutive_fail = new.max_consecutive_fail
+            links.append(link)
+        for link in old.values():
+            self.log.info("reload: %s removed" % link.name)
+            self._retire_link(link)
+        self.links = links
+        if self.active is not None and self.active not in links:
+            self.active = None
+        self.policy = SwitchPolicy(new.switch_threshold, new.throughput_threshold_kbps,
+                                   max(MIN_DWELL_FLOOR_S, MIN_DWELL_HEARTBEATS * new.heartbeat_interval_s))
+        self._periodic[0].interval = new.heartbeat_interval_s
+        self._periodic[1].interval = self._sweep_interval()
+        self._evaluate_now(now)
+
+    def _new_link(self, index: int, spec: "LinkConfig") -> ClientLink:
+        link = ClientLink(index, Endpoint(spec.remote_addr, spec.host, spec.port, self._on_address_change),
+                          spec.priority, self.config.max_consecutive_fail)
+        if link.addr is not None:
+            self._open_link_socket(link)
+        link.endpoint.start(self.reactor, self.resolver, self.log, self.config.dns_refresh_interval_s)
+        if self.epoch is not None:
+            self._schedule_heartbeat(link, self.reactor.time())
+        return link
+
+    def _retire_link(self, link: ClientLink) -> None:
+        link.endpoint.close()
+        self.reactor.cancel(link.hb_timer)
+        link.hb_timer = None
+        self._close_link_socket(link)
 
     def _maybe_write_score_file(self, now: float) -> None:
         path = self.config.score_file
@@ -1584,6 +1629,39 @@ def _round_or_none(value: Optional[float]) -> Optional[float]:
 
 def _percent(value: Optional[float]) -> str:
     return "-" if value is None else "%.0f" % (value * 100)
+
+
+def link_table_lines(links: Sequence[Dict[str, Any]]) -> List[str]:
+    """The client's links (as in status()["links"]) as an aligned table; * marks the active one."""
+    rows = [("", "link", "address", "state", "srtt ms", "loss%", "up/down", "score", "kbps", "switches")]
+    for link in links:
+        rows.append((
+            "*" if link["active"] else "",
+            str(link["index"]),
+            link["address"],
+            link["state"] + ("" if link["steady"] or link["state"] == "down" else "?"),
+            "-" if link["srtt_ms"] is None else "%.2f" % link["srtt_ms"],
+            _percent(link["loss"]),
+            "%s/%s" % (_percent(link["loss_up"]), _percent(link["loss_down"])),
+            "%.1f" % link["score"],
+            "%.1f" % link["kbps"],
+            str(link["switches"]),
+        ))
+    return format_table(rows)
+
+
+def client_status_lines(status: Dict[str, Any]) -> List[str]:
+    ago = status.get("last_switch_ago_s")
+    return link_table_lines(status["links"]) + ["sessions: %d; epoch %s; last switch %s" % (
+        status["sessions"], status["epoch"] or "-", "never" if ago is None else "%.0fs ago" % ago)]
+
+
+def server_status_lines(status: Dict[str, Any]) -> List[str]:
+    rows = [("client", "epoch", "return path", "upstream", "sessions")]
+    for c in status["clients"]:
+        path = "-" if c["return_link"] is None else "link %d %s" % (c["return_link"], c["return_addr"])
+        rows.append((str(c["client_id"]), c["epoch"] or "-", path, c["upstream"], str(c["sessions"])))
+    return format_table(rows)
 
 
 def format_table(rows: Sequence[Sequence[str]]) -> List[str]:
@@ -1696,9 +1774,8 @@ class Server:
             ", ".join(sorted(self._upstreams))))
         for endpoint in self._upstreams.values():
             endpoint.start(self.reactor, self.resolver, self.log, cfg.dns_refresh_interval_s)
-        sweep = min(SWEEP_INTERVAL_CEILING_S, cfg.heartbeat_timeout_s / 2, cfg.session_timeout_s / 4)
         self._periodic = [
-            self.reactor.call_every(sweep, self._sweep),
+            self.reactor.call_every(self._sweep_interval(), self._sweep),
             self.reactor.call_every(DROP_SUMMARY_INTERVAL_S, self._log_drops),
         ]
 
@@ -1714,6 +1791,10 @@ class Server:
             self.reactor.remove_reader(self.listen_sock)
             self.listen_sock.close()
             self.listen_sock = None
+
+    def _sweep_interval(self) -> float:
+        cfg = self.config
+        return min(SWEEP_INTERVAL_CEILING_S, cfg.heartbeat_timeout_s / 2, cfg.session_timeout_s / 4)
 
     def _on_upstream_change(self, endpoint: Endpoint) -> None:
         """New sessions use the new address; established ones keep their socket until they expire."""
@@ -1949,6 +2030,7 @@ class Server:
                 elif now - session.last_active >= self.config.session_timeout_s:
                     self._close_session(session)
                     self.log.debug("client %d: session %08x expired" % (peer.client_id, session.id))
+        self._write_status_file()
 
     def _log_drops(self) -> None:
         self._last_drop_report = log_counter_summary(self.log, "server", self.counters, self._last_drop_report)
@@ -1964,7 +2046,37 @@ class Server:
                 "upstream": peer.upstream.text,
                 "sessions": len(peer.sessions),
             })
-        return {"mode": "server", "clients": clients, "counters": dict(self.counters)}
+        return {"mode": "server", "pid": os.getpid(), "clients": clients, "counters": dict(self.counters)}
+
+    def status_lines(self) -> List[str]:
+        return server_status_lines(self.status())
+
+    def _write_status_file(self) -> None:
+        path = self.config.status_file
+        if path:
+            try:
+                write_json_atomically(path, dict(self.status(), time=time.time()))
+            except OSError as exc:
+                self.log.every("status-file", ERROR_LOG_INTERVAL_S, "warn",
+                               "cannot write status_file %s: %s" % (path, exc))
+
+    def reconfigure(self, new: "ServerConfig") -> None:
+        """Apply a reloaded config (keys and listen address unchanged): timeouts, limits,
+        upstreams (new sessions use a changed upstream; running ones keep theirs)."""
+        self.config = new
+        for peer in self.peers.values():
+            text, host, port = new.upstream_for(peer.client_id)
+            if text != peer.upstream.text:
+                if text not in self._upstreams:
+                    endpoint = Endpoint(text, host, port, self._on_upstream_change)
+                    endpoint.start(self.reactor, self.resolver, self.log, new.dns_refresh_interval_s)
+                    self._upstreams[text] = endpoint
+                peer.upstream = self._upstreams[text]
+                self.log.info("reload: client %d now goes to upstream %s" % (peer.client_id, text))
+        in_use = {peer.upstream.text for peer in self.peers.values()}
+        for text in [t for t in self._upstreams if t not in in_use]:
+            self._upstreams.pop(text).close()
+        self._periodic[0].interval = self._sweep_interval()
 
 
 # ============================================================================
@@ -1995,6 +2107,7 @@ CLIENT_DEFAULTS = {
 
 SERVER_DEFAULTS = {
     "heartbeat_timeout_sec": 10.0,
+    "status_file": "",
     "session_timeout_sec": 180.0,
     "max_sessions": 1024,
     "dns_refresh_interval_sec": 600.0,
@@ -2183,6 +2296,7 @@ def _read_server(section: _Section, top_debug: bool) -> ServerConfig:
     listen = section.address("listen_addr", listen=True)
     cfg.listen_addr, cfg.listen_host, cfg.listen_port = listen or ("", "", 0)
     cfg.heartbeat_timeout_s = section.number("heartbeat_timeout_sec", d["heartbeat_timeout_sec"], 0.1)
+    cfg.status_file = section.get("status_file", "str", d["status_file"])
     _read_common(section, cfg, d)
     cfg.debug = cfg.debug or top_debug
     cfg.private_key = section.key("server_private_key")
@@ -2424,8 +2538,41 @@ def describe(config: Config) -> List[str]:
     return lines
 
 
+# What a reload cannot change: sockets and keys are set up once, at start.
+RESTART_KEYS = {
+    "client": ("listen_addr", "client_id", "private_key", "server_public_key", "log_target"),
+    "server": ("listen_addr", "private_key", "client_public_keys", "log_target"),
+}
+
+
+def reload_config(running: Config, node: Any, log: Log) -> Config:
+    """SIGHUP: read the config file again and apply what can change while running.
+
+    An invalid file, or a change that needs a restart, is refused with a log
+    line and the running config stays; the return value is the config now in force.
+    """
+    try:
+        new = load_config(running.path)
+    except ConfigError as exc:
+        log.error("reload refused, the running config stays: %s" % str(exc).replace("\n", "; "))
+        return running
+    needs_restart = ["mode"] if new.mode != running.mode else [
+        key for key in RESTART_KEYS[running.mode] if getattr(new.section, key) != getattr(running.section, key)]
+    if needs_restart:
+        log.error("reload refused, the running config stays: changing %s needs a restart" % ", ".join(
+            "%s.%s" % (running.mode, key.replace("private_key", "%s_private_key" % running.mode))
+            if key != "mode" else key for key in needs_restart))
+        return running
+    for warning in new.warnings:
+        log.warn(warning)
+    node.reconfigure(new.section)
+    log.set_debug(new.section.debug)
+    log.info("config reloaded from %s" % new.path)
+    return new
+
+
 def run(config: Config) -> int:
-    """Run the client or server of `config` until SIGINT or SIGTERM."""
+    """Run the client or server of `config` until SIGINT or SIGTERM; SIGHUP reloads, SIGUSR1 logs status."""
     cfg = config.section
     log = Log(debug=cfg.debug, target=cfg.log_target)
     reactor = Reactor(log=log)
@@ -2436,8 +2583,19 @@ def run(config: Config) -> int:
     except OSError as exc:
         log.error("cannot start: %s" % exc)
         return 1
+    running = [config]
+
+    def on_hup() -> None:
+        running[0] = reload_config(running[0], node, log)
+
+    def on_usr1() -> None:
+        for line in node.status_lines():
+            log.info(line)
+
     for signum in (signal.SIGINT, signal.SIGTERM):
         reactor.add_signal_handler(signum, reactor.stop)
+    reactor.add_signal_handler(signal.SIGHUP, on_hup)
+    reactor.add_signal_handler(signal.SIGUSR1, on_usr1)
     log.info("mpudp %s running as %s (pid %d)" % (__version__, config.mode, os.getpid()))
     try:
         reactor.run()
@@ -2449,12 +2607,56 @@ def run(config: Config) -> int:
     return 0
 
 
+def show_status(config: Config, out=None) -> int:
+    """--status: print the running daemon's table from its score_file/status_file.
+
+    0 if the daemon is running and the file is fresh, 3 if not (as LSB's status)."""
+    out = out or sys.stdout
+    cfg = config.section
+    key = "score_file" if config.mode == "client" else "status_file"
+    path = getattr(cfg, key)
+    if not path:
+        out.write("no status: set %s.%s in %s, then restart mpudp\n" % (config.mode, key, config.path))
+        return 3
+    try:
+        with open(path) as f:
+            status = json.load(f)
+    except (OSError, ValueError) as exc:
+        out.write("mpudp is not running (or has not written %s yet): %s\n" % (path, exc))
+        return 3
+    age = time.time() - status.get("time", 0)
+    fresh_s = 3 * max(SCORE_FILE_MIN_INTERVAL_S, getattr(cfg, "heartbeat_interval_s", SWEEP_INTERVAL_CEILING_S),
+                      SWEEP_INTERVAL_CEILING_S if config.mode == "server" else 0)
+    if not _pid_alive(status.get("pid")) or age > fresh_s:
+        out.write("mpudp is not running: %s was last written %.0fs ago by pid %s\n" % (path, age, status.get("pid")))
+        return 3
+    out.write("mpudp %s, pid %s, updated %.1fs ago\n" % (config.mode, status.get("pid"), age))
+    lines = client_status_lines(status) if config.mode == "client" else server_status_lines(status)
+    for line in lines:
+        out.write(line + "\n")
+    return 0
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpudp.py", description="Multipath UDP relay: client and server in one file.")
     parser.add_argument("-config", "--config", default="config.json", metavar="PATH",
                         help="the JSON config file (default: config.json)")
     parser.add_argument("--check", action="store_true", help="check the config, say what it means, and exit")
+    parser.add_argument("--status", action="store_true",
+                        help="show the running daemon's links (client) or clients (server) and exit")
     parser.add_argument("--demo", action="store_true",
                         help="run a server, a client, two loopback links and an echo, and show a failover")
     parser.add_argument("--demo-seconds", type=float, default=12.0, help=argparse.SUPPRESS)
@@ -2474,6 +2676,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     for warning in config.warnings:
         sys.stderr.write("mpudp: warning: %s\n" % warning)
+    if args.status:
+        return show_status(config)
     if args.check:
         for line in describe(config):
             print(line)
