@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Where the time per packet goes: a cProfile of the data path, in one process.
+
+    python3 bench/profile_hot_path.py [--size 1200] [--packets 20000] [--profile]
+
+Runs a Server, a Client (one loopback link), an echo upstream and an
+application socket on one Reactor, keeps a window of 32 datagrams in flight
+and reports the process's CPU time per echoed packet (all four parties, so it
+is an upper bound for the relay's share); --profile prints the top functions
+by own time.  bench/bench.py measures the relay as separate processes.
+"""
+
+import argparse
+import cProfile
+import os
+import pstats
+import socket
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import mpudp  # noqa: E402
+
+WINDOW = 32
+
+
+def build():
+    log = mpudp.Log(stream=open(os.devnull, "w"))
+    reactor = mpudp.Reactor(log=log)
+    resolver = mpudp.Resolver(reactor)
+    echo = mpudp.open_udp_socket(socket.AF_INET, ("127.0.0.1", 0))
+
+    def on_echo():
+        while True:
+            try:
+                data, addr = echo.recvfrom(65536)
+            except BlockingIOError:
+                return
+            echo.sendto(data, addr)
+
+    reactor.add_reader(echo, on_echo)
+    server_key, client_key = mpudp.generate_private_key(), mpudp.generate_private_key()
+    server = mpudp.Server(mpudp.parse_config({"mode": "server", "server": {
+        "listen_addr": "127.0.0.1:0", "upstream_addr": "127.0.0.1:%d" % echo.getsockname()[1],
+        "server_private_key": mpudp.encode_key(server_key),
+        "client_public_keys": [mpudp.encode_key(mpudp.public_key(client_key))]}}).section, reactor, log, resolver)
+    server.start()
+    client = mpudp.Client(mpudp.parse_config({"mode": "client", "client": {
+        "listen_addr": "127.0.0.1:0",
+        "links": [{"remote_addr": "127.0.0.1:%d" % server.listen_sock.getsockname()[1]}],
+        "client_private_key": mpudp.encode_key(client_key),
+        "server_public_key": mpudp.encode_key(mpudp.public_key(server_key))}}).section, reactor, log, resolver)
+    client.start()
+    deadline = time.monotonic() + 10
+    while (client.epoch is None or server.peers[0].return_addr is None) and time.monotonic() < deadline:
+        reactor.run_once(0.05)
+    return reactor, client
+
+
+def pump(reactor, client, payload, packets):
+    app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    app.bind(("127.0.0.1", 0))
+    app.setblocking(False)
+    destination = client.listen_sock.getsockname()
+    sent = echoed = 0
+    deadline = time.monotonic() + 60
+    while echoed < packets and time.monotonic() < deadline:
+        while sent - echoed < WINDOW and sent < packets:
+            app.sendto(payload, destination)
+            sent += 1
+        reactor.run_once(0.01)
+        while True:
+            try:
+                app.recv(65536)
+            except BlockingIOError:
+                break
+            echoed += 1
+        if sent == packets and sent - echoed > WINDOW:  # lost some: do not wait for them
+            break
+    return echoed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1200)
+    parser.add_argument("--packets", type=int, default=20000)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    reactor, client = build()
+    profiler = cProfile.Profile() if args.profile else None
+    wall, cpu = time.perf_counter(), time.process_time()
+    if profiler:
+        profiler.enable()
+    echoed = pump(reactor, client, b"x" * args.size, args.packets)
+    if profiler:
+        profiler.disable()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print("%d-byte payloads: %d echoed in %.2fs, %.0f pps, %.1f us CPU per echoed packet "
+          "(client+server+echo+app, Python %s)" % (args.size, echoed, wall, echoed / wall,
+                                                  cpu / max(echoed, 1) * 1e6, sys.version.split()[0]))
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
