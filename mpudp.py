@@ -110,8 +110,7 @@ RECOVERY_ANSWERS = 3  # consecutive answers before a recovered link is a regular
 MIN_DWELL_HEARTBEATS = 5  # no regular switch sooner than this after the last one
 MIN_DWELL_FLOOR_S = 2.0
 THROUGHPUT_WINDOW_S = 3.0
-HANDSHAKE_RETRY_S = 1.0
-HANDSHAKE_RETRY_CEILING_S = 8.0
+HELLO_TRIES_PER_NONCE = 4  # HELLO is repeated every heartbeat interval until a WELCOME
 DNS_RETRY_FLOOR_S = 1.0
 DNS_RETRY_CEILING_S = 60.0
 SCORE_FILE_MIN_INTERVAL_S = 1.0
@@ -1150,6 +1149,7 @@ class Client:
         # server's not-yet-expired sessions of the previous run.
         self._next_session_id = 1 + int.from_bytes(os.urandom(4), "big") % 0xFFFFFFFE
         self._hello_nonce = None  # type: Optional[bytes]
+        self._hello_tries = 0
         self._hello_timer = None  # type: Optional[Timer]
         self._periodic = []  # type: List[Periodic]
         self._last_score_file_at = None  # type: Optional[float]
@@ -1360,17 +1360,27 @@ class Client:
         """Agree a new epoch with the server (at start, and when every link went silent)."""
         if self._hello_nonce is not None:
             return
+        self._hello_nonce = self._new_hello_nonce()
+        self._hello_tries = 0
+        self._send_hello()
+
+    def _new_hello_nonce(self) -> bytes:
         nonce = os.urandom(NONCE_SIZE)
         while self.epoch is not None and epoch_tag(nonce) == self.epoch.tag:
             nonce = os.urandom(NONCE_SIZE)
-        self._hello_nonce = nonce
-        self._send_hello()
+        return nonce
 
     def _send_hello(self) -> None:
         self.reactor.cancel(self._hello_timer)
         self._hello_timer = None
         if self._hello_nonce is None:
             return
+        self._hello_tries += 1
+        if self._hello_tries % HELLO_TRIES_PER_NONCE == 0:
+            # The same nonce a few times, so a WELCOME slower than one retry still
+            # matches; then a new one, in case the server cannot take this one (its
+            # tag may equal the server's epoch of our previous run).
+            self._hello_nonce = self._new_hello_nonce()
         payload = HELLO_PAYLOAD.pack(self._hello_nonce, bytes(NONCE_SIZE))
         for link in self.links:
             if link.sock is None:
