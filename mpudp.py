@@ -907,11 +907,25 @@ def split_host_port(text: str) -> Tuple[str, int]:
     return host, int(port)
 
 
+def system_getaddrinfo(host: str, port: int, family: int = 0, type: int = 0, proto: int = 0,
+                       flags: int = 0) -> list:
+    """socket.getaddrinfo, with an ASCII host passed as bytes.
+
+    Given a str, getaddrinfo always encodes it with the "idna" codec, which
+    imports unicodedata: on OpenWrt that is in python3-codecs, not python3-light.
+    """
+    try:
+        host_arg = host.encode("ascii")  # type: Any
+    except UnicodeEncodeError:
+        host_arg = host  # a non-ASCII name really needs IDNA
+    return socket.getaddrinfo(host_arg, port, family, type, proto, flags)
+
+
 def numeric_address(host: str, port: int) -> Optional[Tuple[int, tuple]]:
     """(family, sockaddr) if `host` is a literal IP address, else None (needs DNS)."""
     try:
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)
-    except (socket.gaierror, UnicodeError):
+        infos = system_getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError, LookupError):
         return None
     return infos[0][0], infos[0][4]
 
@@ -927,7 +941,7 @@ def format_address(sockaddr: Optional[tuple]) -> str:
 class Resolver:
     """Asynchronous getaddrinfo for the reactor; `getaddrinfo` is injectable for tests."""
 
-    def __init__(self, reactor: Reactor, getaddrinfo: Callable = socket.getaddrinfo) -> None:
+    def __init__(self, reactor: Reactor, getaddrinfo: Callable = system_getaddrinfo) -> None:
         self.reactor = reactor
         self.getaddrinfo = getaddrinfo
         self._done = deque()  # type: deque  # (key, callback, result), appended by threads
@@ -952,7 +966,7 @@ class Resolver:
         try:
             infos = self.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
             result = (infos[0][0], infos[0][4]) if infos else OSError("no address")  # type: Any
-        except (OSError, UnicodeError) as exc:
+        except (OSError, UnicodeError, LookupError) as exc:
             result = exc if isinstance(exc, OSError) else OSError(str(exc))
         except Exception as exc:  # a broken resolver library must still answer
             result = OSError("%s: %s" % (type(exc).__name__, exc))
@@ -1019,7 +1033,7 @@ def listen_address(host: str, port: int) -> Tuple[int, tuple]:
     found = numeric_address(host, port)
     if found is not None:
         return found
-    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
+    infos = system_getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
     return infos[0][0], infos[0][4]
 
 
