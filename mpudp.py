@@ -50,6 +50,7 @@ import errno
 import hashlib
 import heapq
 import json
+import math
 import os
 import selectors
 import signal
@@ -99,7 +100,8 @@ ECHO_PAYLOAD = struct.Struct("!II")  # heartbeat seq echoed, bitmap of the last 
 
 REPLAY_WINDOW_SIZE = 2048  # packets; reordering deeper than this is dropped
 PENDING_EPOCHS_PER_CLIENT = 4
-HELLOS_PER_SWEEP = 8  # per client: answers to HELLO between two server sweeps
+HELLOS_PER_SWEEP = 8  # per client: new pending epochs between two server sweeps
+SEEN_HELLOS_PER_CLIENT = 1024  # HELLO nonces remembered, so a replayed one costs nothing
 
 # Link measurement and policy (the essay is above LinkHealth).
 INITIAL_HEARTBEAT_TIMEOUT_S = 1.0  # before the first RTT sample, as RFC 6298
@@ -111,6 +113,7 @@ MIN_DWELL_HEARTBEATS = 5  # no regular switch sooner than this after the last on
 MIN_DWELL_FLOOR_S = 2.0
 THROUGHPUT_WINDOW_S = 3.0
 HELLO_TRIES_PER_NONCE = 4  # HELLO is repeated every heartbeat interval until a WELCOME
+HELLO_TRIES_BEFORE_WARNING = 10
 DNS_RETRY_FLOOR_S = 1.0
 DNS_RETRY_CEILING_S = 60.0
 SCORE_FILE_MIN_INTERVAL_S = 1.0
@@ -556,6 +559,8 @@ class LinkHealth:
         if record is None or record.answered or record.timed_out:
             return False
         record.timed_out = True
+        if self.up and self.changed_at is not None and record.sent_at < self.changed_at:
+            return False  # sent during the outage that just ended: counts as loss, not as a new miss
         self.consecutive_fail += 1
         self.consecutive_ok = 0
         if self.up and self.consecutive_fail >= self.max_consecutive_fail:
@@ -702,13 +707,14 @@ class SwitchPolicy:
 class Timer:
     """A scheduled call; cancel() is O(1) and drops the callback's references."""
 
-    __slots__ = ("when", "callback", "args", "cancelled")
+    __slots__ = ("when", "callback", "args", "cancelled", "in_heap")
 
     def __init__(self, when: float, callback: Callable, args: tuple) -> None:
         self.when = when
         self.callback = callback
         self.args = args
         self.cancelled = False
+        self.in_heap = True
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -781,8 +787,13 @@ class Reactor:
         if timer is None or timer.cancelled:
             return
         timer.cancel()
+        if not timer.in_heap:
+            return  # it fired already: nothing dead is left in the heap
         self._cancelled_in_heap += 1
         if self._cancelled_in_heap > 64 and self._cancelled_in_heap * 2 > len(self._heap):
+            for entry in self._heap:
+                if entry[2].cancelled:
+                    entry[2].in_heap = False
             self._heap = [entry for entry in self._heap if not entry[2].cancelled]
             heapq.heapify(self._heap)
             self._cancelled_in_heap = 0
@@ -824,11 +835,11 @@ class Reactor:
         for signum in data:
             handler = self._signal_handlers.get(signum)
             if handler is not None:
-                self._guard(handler, ())
+                self.call_guarded(handler, ())
 
     # -- running -------------------------------------------------------------
 
-    def _guard(self, callback: Callable, args: tuple) -> None:
+    def call_guarded(self, callback: Callable, args: tuple) -> None:
         try:
             callback(*args)
         except Exception as exc:  # one bad callback must not stop the relay
@@ -848,18 +859,19 @@ class Reactor:
             until_timer = max(0.0, heap[0][0] - self.time())
             timeout = until_timer if timeout is None else min(timeout, until_timer)
         for key, _mask in self.selector.select(timeout):
-            self._guard(key.data, ())
+            self.call_guarded(key.data, ())
         now = self.time()
         due = []
         while heap and heap[0][0] <= now:
             timer = heapq.heappop(heap)[2]
+            timer.in_heap = False
             if timer.cancelled:
                 self._cancelled_in_heap = max(0, self._cancelled_in_heap - 1)
             else:
                 due.append(timer)
         for timer in due:  # a snapshot: timers set now run on the next pass
             if not timer.cancelled:
-                self._guard(timer.callback, timer.args)
+                self.call_guarded(timer.callback, timer.args)
 
     def run(self) -> None:
         self._stopping = False
@@ -902,7 +914,7 @@ def split_host_port(text: str) -> Tuple[str, int]:
             raise ValueError("expected host:port")
         if ":" in host:
             raise ValueError("an IPv6 address needs brackets: [addr]:port")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError("port %r is not a number from 0 to 65535" % port)
     return host, int(port)
 
@@ -985,7 +997,7 @@ class Resolver:
         while self._done:
             key, callback, result = self._done.popleft()
             self._in_flight.discard(key)
-            callback(result)
+            self.reactor.call_guarded(callback, (result,))
 
     def close(self) -> None:
         self.reactor.remove_reader(self._reader)
@@ -1390,6 +1402,10 @@ class Client:
         if self._hello_nonce is None:
             return
         self._hello_tries += 1
+        if self._hello_tries == HELLO_TRIES_BEFORE_WARNING:
+            self.log.warn("no answer from the server to %d handshakes on any link: is it running, and do "
+                          "server_public_key and the server's client_public_keys[%d] match these keys?" % (
+                              self._hello_tries - 1, self.config.client_id))
         if self._hello_tries % HELLO_TRIES_PER_NONCE == 0:
             # The same nonce a few times, so a WELCOME slower than one retry still
             # matches; then a new one, in case the server cannot take this one (its
@@ -1764,6 +1780,7 @@ class Peer:
         self.seen_packets = 0
         self.last_heard = None  # type: Optional[float]
         self.hello_budget = HELLOS_PER_SWEEP
+        self.seen_hellos = {}  # type: Dict[bytes, bool]  # client nonces answered, oldest first
 
 
 class Server:
@@ -1973,10 +1990,16 @@ class Server:
             return
         epoch = peer.pending.get(tag)
         if epoch is None or epoch.client_nonce != client_nonce:
-            if peer.hello_budget <= 0:  # bounds the key derivations a HELLO replay can cause
+            if client_nonce in peer.seen_hellos:
+                self.counters.add("replay")  # an old HELLO: its epoch was used or evicted
+                return
+            if peer.hello_budget <= 0:  # bounds the key derivations that HELLOs can cause
                 self.counters.add("hello_limit")
                 return
             peer.hello_budget -= 1
+            peer.seen_hellos[client_nonce] = True
+            while len(peer.seen_hellos) > SEEN_HELLOS_PER_CLIENT:
+                del peer.seen_hellos[next(iter(peer.seen_hellos))]
             epoch = Epoch(peer.static.secret, client_nonce, os.urandom(NONCE_SIZE), is_client=False)
             peer.pending.pop(tag, None)
             peer.pending[tag] = epoch
@@ -1991,8 +2014,7 @@ class Server:
     def _adopt_epoch(self, peer: Peer, epoch: Epoch) -> None:
         peer.epoch = epoch
         peer.pending.clear()
-        peer.return_seq = 0
-        peer.heartbeats.clear()
+        peer.return_seq = 0  # heartbeat bitmaps stay: a new epoch does not restart the link's count
         self.log.info("client %d: new epoch %04x" % (peer.client_id, epoch.tag))
 
     def _set_return_path(self, peer: Peer, link: int, addr: tuple) -> None:
@@ -2011,7 +2033,8 @@ class Server:
             state = peer.heartbeats[link] = [hb_seq, 0]  # first, or the client restarted its count
         last, bitmap = state
         if hb_seq > last:
-            bitmap = ((bitmap << (hb_seq - last)) | 1) & 0xFFFFFFFF
+            gap = hb_seq - last
+            bitmap = ((bitmap << gap) | 1) & 0xFFFFFFFF if gap < 32 else 1  # never a huge shift
             state[0] = last = hb_seq
         else:
             bitmap |= 1 << (last - hb_seq)
@@ -2150,7 +2173,9 @@ class _Section:
         self.path = path
         self.errors = errors
         self.warnings = warnings
-        if not isinstance(data, dict):
+        if data is None:
+            data = {}  # missing: the caller has said so already
+        elif not isinstance(data, dict):
             self.error("", "must be a JSON object")
             data = {}
         self.data = data
@@ -2178,13 +2203,16 @@ class _Section:
             "list": isinstance(value, list),
             "object": isinstance(value, dict),
         }[kind]
-        if not ok:
-            self.error(key, "must be %s, not %s" % (_KIND_NAMES[kind], json.dumps(value)[:40]))
+        if not ok:  # name the type only: the value may be a misplaced private key
+            self.error(key, "must be %s, not %s" % (_KIND_NAMES[kind], _json_type(value)))
             return None if default is REQUIRED else default
         return value
 
     def number(self, key: str, default: Any, minimum: float, allow_zero: bool = False) -> Any:
         value = self.get(key, "number", default)
+        if value is not None and not math.isfinite(value):
+            self.error(key, "must be a finite number")
+            return default if default is not REQUIRED else None
         if value is not None and not (value >= minimum or (allow_zero and value == 0)):
             self.error(key, "must be at least %g%s" % (minimum, " (or 0 for never)" if allow_zero else ""))
         return value
@@ -2228,6 +2256,15 @@ class _Section:
                 close = get_close_matches(key, known, n=1)
                 self.warnings.append("%s: unknown key%s" % (
                     self.key_path(key), "; did you mean %r?" % close[0] if close else ""))
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    return {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
 
 
 _KIND_NAMES = {"str": "a string", "int": "an integer", "number": "a number", "bool": "true or false",
@@ -2329,9 +2366,9 @@ def _read_server(section: _Section, top_debug: bool) -> ServerConfig:
     cfg.upstream_addrs = None
     if "upstream_addrs" in section.data:
         addrs = section.get("upstream_addrs", "list") or []
-        holder = _Section({str(i): v for i, v in enumerate(addrs)}, section.path + ".upstream_addrs",
+        holder = _Section({"upstream_addrs[%d]" % i: v for i, v in enumerate(addrs)}, section.path,
                           section.errors, section.warnings)
-        cfg.upstream_addrs = [holder.address(str(i)) for i in range(len(addrs))]
+        cfg.upstream_addrs = [holder.address("upstream_addrs[%d]" % i) for i in range(len(addrs))]
         cfg.upstream_addrs = [a for a in cfg.upstream_addrs if a is not None]
     needs_default = cfg.upstream_addrs is None or len(cfg.upstream_addrs) < len(cfg.client_public_keys)
     cfg.upstream = section.address("upstream_addr") if needs_default or "upstream_addr" in section.data else None
@@ -2349,7 +2386,9 @@ def _read_server(section: _Section, top_debug: bool) -> ServerConfig:
 
 def _read_client_keys(section: _Section) -> List[bytes]:
     if "client_public_keys" in section.data:
-        keys = section.get("client_public_keys", "list") or []
+        keys = section.get("client_public_keys", "list")
+        if keys is None:
+            return []  # the wrong type, reported already
         if not keys:
             section.error("client_public_keys", "needs at least one key")
         holder = _Section({"client_public_keys[%d]" % i: k for i, k in enumerate(keys)}, section.path,
@@ -2367,6 +2406,9 @@ def _read_client_keys(section: _Section) -> List[bytes]:
 
 def parse_config(data: Any, path: str = "config") -> Config:
     """Check a parsed JSON config; ConfigError lists every problem, one per line."""
+    if not isinstance(data, dict):
+        raise ConfigError("%s: must be a JSON object (with \"mode\" and its section), not %s" % (
+            path, json.dumps(data)[:40]))
     errors, warnings = [], []  # type: List[str], List[str]
     top = _Section(data, "", errors, warnings)
     mode = top.get("mode", "str")
@@ -2603,6 +2645,8 @@ def run(config: Config) -> int:
     reactor = Reactor(log=log)
     resolver = Resolver(reactor)
     node = Client(cfg, reactor, log, resolver) if config.mode == "client" else Server(cfg, reactor, log, resolver)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        reactor.add_signal_handler(signum, reactor.stop)
     try:
         node.start()
     except OSError as exc:
@@ -2617,8 +2661,6 @@ def run(config: Config) -> int:
         for line in node.status_lines():
             log.info(line)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        reactor.add_signal_handler(signum, reactor.stop)
     reactor.add_signal_handler(signal.SIGHUP, on_hup)
     reactor.add_signal_handler(signal.SIGUSR1, on_usr1)
     log.info("mpudp %s running as %s (pid %d)" % (__version__, config.mode, os.getpid()))
