@@ -516,8 +516,11 @@ class HeartbeatRecord:
 class LinkHealth:
     """RTT, loss and up/down state of one link from its heartbeats; pure (no I/O, no clock)."""
 
-    def __init__(self, max_consecutive_fail: int, loss_window: int = LOSS_WINDOW_HEARTBEATS) -> None:
+    def __init__(self, max_consecutive_fail: int, loss_window: int = LOSS_WINDOW_HEARTBEATS,
+                 recovery_hold_s: float = 0.0) -> None:
         self.max_consecutive_fail = max_consecutive_fail
+        self.recovery_hold_s = recovery_hold_s
+        self.last_answer_at = None  # type: Optional[float]
         self.up = False
         self.srtt = None  # type: Optional[float]
         self.rttvar = 0.0
@@ -548,6 +551,7 @@ class LinkHealth:
         record.answered = True
         record.reached = True
         self._add_rtt_sample(now - record.sent_at)
+        self.last_answer_at = now
         for other in self._records:
             back = seq - other.seq
             if 0 < back < 32 and not other.answered:
@@ -597,8 +601,11 @@ class LinkHealth:
 
     @property
     def steady(self) -> bool:
-        """Up and answering for long enough to be chosen in a regular evaluation."""
-        return self.up and self.consecutive_ok >= RECOVERY_ANSWERS
+        """Up and answering for long enough to be chosen in a regular evaluation: RECOVERY_ANSWERS
+        answers in a row, the last at least `recovery_hold_s` after the link came up (fast
+        probes around an outage's end answer quickly, and must not make up the count alone)."""
+        return (self.up and self.consecutive_ok >= RECOVERY_ANSWERS
+                and self.last_answer_at - self.changed_at >= self.recovery_hold_s)
 
     def _resolved(self) -> List[HeartbeatRecord]:
         recent = list(self._records)[-self._window:]
@@ -1117,14 +1124,20 @@ class Endpoint:
 # ============================================================================
 
 
+def recovery_hold_s(config: "ClientConfig") -> float:
+    """How long a link that came back must keep answering before it is steady."""
+    return (RECOVERY_ANSWERS - 1) * config.heartbeat_interval_s
+
+
 class ClientLink:
     """One path to the server: its endpoint, socket, heartbeats and measurements."""
 
-    def __init__(self, index: int, endpoint: Endpoint, priority: float, max_consecutive_fail: int) -> None:
+    def __init__(self, index: int, endpoint: Endpoint, priority: float, max_consecutive_fail: int,
+                 recovery_hold_s: float) -> None:
         self.index = index
         self.endpoint = endpoint
         self.priority = priority
-        self.health = LinkHealth(max_consecutive_fail)
+        self.health = LinkHealth(max_consecutive_fail, recovery_hold_s=recovery_hold_s)
         self.meter = ThroughputMeter()
         self.sock = None  # type: Optional[socket.socket]
         self.hb_seq = 0
@@ -1168,7 +1181,7 @@ class Client:
         self.static = StaticKeys(config.static_secret)
         self.links = [
             ClientLink(i, Endpoint(link.remote_addr, link.host, link.port, self._on_address_change),
-                       link.priority, config.max_consecutive_fail)
+                       link.priority, config.max_consecutive_fail, recovery_hold_s(config))
             for i, link in enumerate(config.links)
         ]
         self.policy = SwitchPolicy(config.switch_threshold, config.throughput_threshold_kbps,
@@ -1632,6 +1645,7 @@ class Client:
                 link.endpoint.start(self.reactor, self.resolver, self.log, new.dns_refresh_interval_s)
             link.index, link.priority = index, spec.priority
             link.health.max_consecutive_fail = new.max_consecutive_fail
+            link.health.recovery_hold_s = recovery_hold_s(new)
             links.append(link)
         for link in old.values():
             self.log.info("reload: %s removed" % link.name)
@@ -1647,7 +1661,7 @@ class Client:
 
     def _new_link(self, index: int, spec: "LinkConfig") -> ClientLink:
         link = ClientLink(index, Endpoint(spec.remote_addr, spec.host, spec.port, self._on_address_change),
-                          spec.priority, self.config.max_consecutive_fail)
+                          spec.priority, self.config.max_consecutive_fail, recovery_hold_s(self.config))
         if link.addr is not None:
             self._open_link_socket(link)
         link.endpoint.start(self.reactor, self.resolver, self.log, self.config.dns_refresh_interval_s)

@@ -871,10 +871,6 @@ def test_loss_direction_survives_a_new_epoch(inproc):
     assert health.loss_down() > 0.2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a link that comes back just as it is declared down is steady ~0.1-0.5 s later, not after "
-    "RECOVERY_ANSWERS-1 heartbeat intervals: answers to the fast probes sent around the outage's end "
-    "(and the fast probe still scheduled) count toward RECOVERY_ANSWERS"))
 def test_link_back_at_once_after_down_is_not_steady_sooner(inproc):
     interval = 0.5
     relay = inproc(StubDNS())
