@@ -39,7 +39,7 @@ Glossary (how things are named here):
   client; on the server, the upstream socket that stands for it (like NAT).
 - *client id*: the index of a client's public key in the server's
   ``client_public_keys``; it picks the keys that must authenticate a packet.
-- *epoch*: the keys and counters agreed by one HELLO/WELCOME handshake.  A
+- *epoch*: the keys and counters agreed by one HELLO/COOKIE/WELCOME handshake.  A
   restarted client or server starts a new epoch, so old packets never verify.
 - *upstream*: where the server forwards a client's traffic.
 """
@@ -93,6 +93,7 @@ TYPE_HEARTBEAT = 2
 TYPE_ECHO = 3
 TYPE_HELLO = 4
 TYPE_WELCOME = 5
+TYPE_COOKIE = 6
 TYPE_MASK = 0x0F
 FLAG_ACTIVE = 0x80  # "the server should send replies back over this link"
 
@@ -100,8 +101,9 @@ SEQ_BITS = 48
 SEQ_MASK = (1 << SEQ_BITS) - 1
 SEQ_REKEY_AT = SEQ_MASK - (1 << 32)  # start a new epoch long before the counter wraps
 NONCE_SIZE = 16
-HELLO_PAYLOAD = struct.Struct("!16s16s")  # client nonce, zero padding
+HELLO_PAYLOAD = struct.Struct("!16s16s")  # client nonce, cookie (zeros until the server sent one)
 WELCOME_PAYLOAD = struct.Struct("!16s16s")  # client nonce, server nonce
+COOKIE_PAYLOAD = struct.Struct("!16s16s")  # client nonce, cookie
 HEARTBEAT_PAYLOAD = struct.Struct("!II")  # heartbeat seq on this link, reserved
 ECHO_PAYLOAD = struct.Struct("!II")  # heartbeat seq echoed, bitmap of the last 32 received
 
@@ -109,6 +111,7 @@ REPLAY_WINDOW_SIZE = 2048  # packets; reordering deeper than this is dropped
 PENDING_EPOCHS_PER_CLIENT = 4
 HELLOS_PER_SWEEP = 8  # per client: new pending epochs between two server sweeps
 SEEN_HELLOS_PER_CLIENT = 1024  # HELLO nonces remembered, so a replayed one costs nothing
+COOKIE_PERIOD_S = 30.0  # a cookie is good in the period it was made and the next
 
 # Link measurement and policy (the essay is above LinkHealth).
 INITIAL_HEARTBEAT_TIMEOUT_S = 1.0  # before the first RTT sample, as RFC 6298
@@ -350,7 +353,7 @@ def make_mac(key: bytes):
 
 
 class StaticKeys:
-    """The HELLO/WELCOME MAC keys of one client/server pair, derived once at start-up."""
+    """The handshake (HELLO, COOKIE, WELCOME) MAC keys of one client/server pair, derived once at start-up."""
 
     __slots__ = ("secret", "hello_mac", "welcome_mac")
 
@@ -1140,6 +1143,7 @@ class ClientLink:
         self.health = LinkHealth(max_consecutive_fail, recovery_hold_s=recovery_hold_s)
         self.meter = ThroughputMeter()
         self.sock = None  # type: Optional[socket.socket]
+        self.cookie = bytes(NONCE_SIZE)  # the server's cookie for the HELLO nonce, on this path
         self.hb_seq = 0
         self.hb_timer = None  # type: Optional[Timer]
         self.next_hb_at = 0.0
@@ -1360,6 +1364,9 @@ class Client:
             if kind == TYPE_WELCOME:
                 self._on_welcome(n)
                 continue
+            if kind == TYPE_COOKIE:
+                self._on_cookie(link, n)
+                continue
             epoch = self.epoch
             if epoch is None or nonce >> SEQ_BITS != epoch.tag:
                 self.counters.add("stale_epoch")
@@ -1406,9 +1413,14 @@ class Client:
         """Agree a new epoch with the server (at start, and when every link went silent)."""
         if self._hello_nonce is not None:
             return
-        self._hello_nonce = self._new_hello_nonce()
+        self._set_hello_nonce(self._new_hello_nonce())
         self._hello_tries = 0
         self._send_hello()
+
+    def _set_hello_nonce(self, nonce: bytes) -> None:
+        self._hello_nonce = nonce
+        for link in self.links:
+            link.cookie = bytes(NONCE_SIZE)  # a cookie is good for one nonce only
 
     def _new_hello_nonce(self) -> bytes:
         nonce = os.urandom(NONCE_SIZE)
@@ -1430,19 +1442,36 @@ class Client:
             # The same nonce a few times, so a WELCOME slower than one retry still
             # matches; then a new one, in case the server cannot take this one (its
             # tag may equal the server's epoch of our previous run).
-            self._hello_nonce = self._new_hello_nonce()
-        payload = HELLO_PAYLOAD.pack(self._hello_nonce, bytes(NONCE_SIZE))
+            self._set_hello_nonce(self._new_hello_nonce())
         for link in self.links:
-            if link.sock is None:
-                continue
-            packet = seal(self.static.hello_mac, TYPE_HELLO, link.index, self.config.client_id, 0,
-                          epoch_tag(self._hello_nonce) << SEQ_BITS, payload)
-            try:
-                link.sock.sendto(packet, link.addr)
-            except OSError as exc:
-                self._link_error(link, exc)
+            self._send_hello_on(link)
         self._hello_timer = self.reactor.call_later(
             max(self.config.heartbeat_interval_s, HEARTBEAT_TIMEOUT_FLOOR_S), self._send_hello)
+
+    def _send_hello_on(self, link: ClientLink) -> None:
+        if link.sock is None or self._hello_nonce is None:
+            return
+        packet = seal(self.static.hello_mac, TYPE_HELLO, link.index, self.config.client_id, 0,
+                      epoch_tag(self._hello_nonce) << SEQ_BITS, HELLO_PAYLOAD.pack(self._hello_nonce, link.cookie))
+        try:
+            link.sock.sendto(packet, link.addr)
+        except OSError as exc:
+            self._link_error(link, exc)
+
+    def _on_cookie(self, link: ClientLink, n: int) -> None:
+        """The server wants proof that our HELLO is fresh: send it again, with the cookie, at once."""
+        if self._hello_nonce is None or n != OVERHEAD + COOKIE_PAYLOAD.size:
+            self.counters.add("stale_welcome")
+            return
+        if not verify(self.static.welcome_mac, self._view, n):
+            self.counters.add("auth")
+            return
+        client_nonce, cookie = COOKIE_PAYLOAD.unpack_from(self._buf, HEADER_SIZE)
+        if client_nonce != self._hello_nonce or cookie == link.cookie:
+            self.counters.add("stale_welcome")  # old, or a copy: one HELLO per cookie is enough
+            return
+        link.cookie = cookie
+        self._send_hello_on(link)
 
     def _on_welcome(self, n: int) -> None:
         if self._hello_nonce is None or n != OVERHEAD + WELCOME_PAYLOAD.size:
@@ -1551,11 +1580,16 @@ class Client:
     def _switch_to(self, link: ClientLink, reason: str, candidates: List[Candidate], now: float) -> None:
         old = self.active
         self.active = link
-        self.last_switch_at = now
         link.switches += 1
-        if old is not None:
-            self.log.info("switch %s -> %s: %s (score %.1f -> %.1f)" % (
-                old.name, link.name, reason, candidates[old.index].score, candidates[link.index].score))
+        if old is not None and old.health.changed_at is None:
+            # The start-up choice never answered: not a failover, and no dwell time
+            # should keep the preferred link from taking over once it is steady.
+            self.log.info("first link up: %s carries the traffic" % link.name)
+        else:
+            self.last_switch_at = now
+            if old is not None:
+                self.log.info("switch %s -> %s: %s (score %.1f -> %.1f)" % (
+                    old.name, link.name, reason, candidates[old.index].score, candidates[link.index].score))
         self._schedule_heartbeat(link, now)  # tell the server at once where to send replies
 
     # -- housekeeping --------------------------------------------------------
@@ -1758,15 +1792,17 @@ def log_counter_summary(log: Log, who: str, counters: Counters, last: Optional[D
 # ============================================================================
 #
 # The handshake, and why replays cannot use it.  A client starts an epoch by
-# sending HELLO(client nonce) under its static key; the server answers
-# WELCOME(client nonce, fresh random server nonce), the same size, and keeps
-# the new epoch as *pending* (at most PENDING_EPOCHS_PER_CLIENT per client).
-# The first packet that verifies under a pending epoch's keys makes it the
-# client's epoch.  A replayed HELLO gets a WELCOME with a new random server
-# nonce, so it yields keys the attacker cannot use and under which no old
-# packet verifies; a replayed WELCOME does not match the client's nonce.
-# After either side restarts, the old epoch's keys are gone, so old packets
-# no longer verify at all.
+# sending HELLO(client nonce, cookie) under its static key.  Without a fresh
+# cookie the server answers COOKIE(client nonce, cookie) and keeps nothing;
+# with one it answers WELCOME(client nonce, fresh random server nonce), the
+# same size, and keeps the new epoch as *pending* (at most
+# PENDING_EPOCHS_PER_CLIENT per client).  The first packet that verifies under
+# a pending epoch's keys makes it the client's epoch.  A replayed HELLO
+# carries an old cookie, or one made for another address, and the attacker
+# cannot put a new one in (the MAC covers it): it gets a COOKIE and leaves no
+# state.  A replayed WELCOME does not match the client's nonce.  After either
+# side restarts, the old epoch's keys are gone, so old packets no longer
+# verify at all.
 
 
 class ServerSession:
@@ -1824,6 +1860,7 @@ class Server:
         self._view = memoryview(self._buf)
         self._payload_view = self._view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
         self._ctl = bytearray(OVERHEAD + 64)
+        self._cookie_secret = os.urandom(KEY_SIZE)
         self._periodic = []  # type: List[Periodic]
         self._last_drop_report = None  # type: Optional[Dict[str, int]]
         self.listen_sock = None  # type: Optional[socket.socket]
@@ -2004,13 +2041,17 @@ class Server:
         if n != OVERHEAD + HELLO_PAYLOAD.size or not verify(peer.static.hello_mac, self._view, n):
             self.counters.add("auth")
             return
-        client_nonce, _padding = HELLO_PAYLOAD.unpack_from(self._buf, HEADER_SIZE)
+        client_nonce, cookie = HELLO_PAYLOAD.unpack_from(self._buf, HEADER_SIZE)
         tag = epoch_tag(client_nonce)
         if peer.epoch is not None and tag == peer.epoch.tag:
             self.counters.add("replay")  # the HELLO of the running epoch, or a forged look-alike
             return
         epoch = peer.pending.get(tag)
         if epoch is None or epoch.client_nonce != client_nonce:
+            if not self._cookie_ok(peer, client_nonce, addr, cookie):
+                self._send_handshake(peer, TYPE_COOKIE, link, client_nonce,
+                                     self._cookie(peer, client_nonce, addr, self._cookie_period()), addr)
+                return
             if client_nonce in peer.seen_hellos:
                 self.counters.add("replay")  # an old HELLO: its epoch was used or evicted
                 return
@@ -2026,11 +2067,34 @@ class Server:
             peer.pending[tag] = epoch
             while len(peer.pending) > PENDING_EPOCHS_PER_CLIENT:
                 del peer.pending[next(iter(peer.pending))]
+        self._send_handshake(peer, TYPE_WELCOME, link, client_nonce, epoch.server_nonce, addr)
+
+    def _send_handshake(self, peer: Peer, kind: int, link: int, client_nonce: bytes, value: bytes,
+                        addr: tuple) -> None:
+        """WELCOME(client nonce, server nonce) or COOKIE(client nonce, cookie): HELLO's size."""
         ctl = self._ctl
-        WELCOME_PAYLOAD.pack_into(ctl, HEADER_SIZE, client_nonce, epoch.server_nonce)
-        length = seal_into(ctl, peer.static.welcome_mac, TYPE_WELCOME, link, peer.client_id, 0, 0,
-                           WELCOME_PAYLOAD.size)
+        WELCOME_PAYLOAD.pack_into(ctl, HEADER_SIZE, client_nonce, value)
+        length = seal_into(ctl, peer.static.welcome_mac, kind, link, peer.client_id, 0, 0, WELCOME_PAYLOAD.size)
         self._send_control(ctl, length, addr)
+
+    # A cookie proves that a HELLO is fresh: a MAC, under a secret that never
+    # leaves this process, of the client, its nonce, the address the HELLO came
+    # from and the current period.  Making one needs no state, so answering a
+    # replayed HELLO with a COOKIE costs nothing; only a HELLO that carries a
+    # cookie made in the last one or two periods may create a pending epoch,
+    # so HELLOs captured earlier can no longer use up a client's budget.
+
+    def _cookie_period(self) -> int:
+        return int(self.reactor.time() // COOKIE_PERIOD_S)
+
+    def _cookie(self, peer: Peer, client_nonce: bytes, addr: tuple, period: int) -> bytes:
+        m = blake2b(key=self._cookie_secret, digest_size=NONCE_SIZE)
+        m.update(b"%d %d %s " % (peer.client_id, period, format_address(addr).encode()) + client_nonce)
+        return m.digest()
+
+    def _cookie_ok(self, peer: Peer, client_nonce: bytes, addr: tuple, cookie: bytes) -> bool:
+        period = self._cookie_period()
+        return any(compare_digest(cookie, self._cookie(peer, client_nonce, addr, p)) for p in (period, period - 1))
 
     def _adopt_epoch(self, peer: Peer, epoch: Epoch) -> None:
         peer.epoch = epoch

@@ -60,8 +60,9 @@ LOOPBACK = "127.0.0.1"
 FUZZ_CASES = int(os.environ.get("MPUDP_FUZZ_CASES", "10000"))
 FUZZ_SEED = int(os.environ.get("MPUDP_FUZZ_SEED", str(random.SystemRandom().randrange(1 << 32))))
 
-DATA, HEARTBEAT, ECHO, HELLO, WELCOME = (mpudp.TYPE_DATA, mpudp.TYPE_HEARTBEAT, mpudp.TYPE_ECHO,
-                                         mpudp.TYPE_HELLO, mpudp.TYPE_WELCOME)
+DATA, HEARTBEAT, ECHO, HELLO, WELCOME, COOKIE = (mpudp.TYPE_DATA, mpudp.TYPE_HEARTBEAT, mpudp.TYPE_ECHO,
+                                                 mpudp.TYPE_HELLO, mpudp.TYPE_WELCOME, mpudp.TYPE_COOKIE)
+HANDSHAKE_REPLY_SIZE = mpudp.OVERHEAD + mpudp.WELCOME_PAYLOAD.size  # WELCOME and COOKIE: HELLO's size
 
 # Counters that mean "dropped before anything moved" (PROTOCOL.md, "Receiving a packet").
 SERVER_PRE_AUTH_DROPS = {"short", "unknown_client", "stale_epoch", "replay", "auth", "hello_limit"}
@@ -445,7 +446,7 @@ def replay(pair, attacker, c2s, s2c, targets):
 
 def check_nothing_replayed(pair, app, attacker, where, welcome_allowed=0):
     """The common verdict: no payload twice at the upstream or the app, no heartbeat echoed
-    twice, nothing (or only that many WELCOMEs) back to the attacker."""
+    twice, nothing (or only that many WELCOMEs or COOKIEs, HELLO's size) back to the attacker."""
     app.probe(where + "-barrier")  # the server and client have read everything sent before
     app.probe(where + "-barrier2")
     app.drain()
@@ -453,10 +454,10 @@ def check_nothing_replayed(pair, app, attacker, where, welcome_allowed=0):
     assert duplicates(app.received.elements()) == [], where + ": the application got a payload twice"
     assert duplicates(echoed_heartbeats(pair.taps)) == [], where + ": a heartbeat was echoed twice"
     replies = attacker.replies()
-    others = [r for r in replies if kind(r) != WELCOME or len(r) != mpudp.OVERHEAD + mpudp.WELCOME_PAYLOAD.size]
+    others = [r for r in replies if kind(r) not in (WELCOME, COOKIE) or len(r) != HANDSHAKE_REPLY_SIZE]
     assert others == [], where + ": the attacker got %d answer(s) (types %s)" % (
         len(others), sorted({kind(r) for r in others}))
-    assert len(replies) <= welcome_allowed, where + ": %d WELCOMEs for %d HELLOs" % (len(replies), welcome_allowed)
+    assert len(replies) <= welcome_allowed, where + ": %d answers for %d HELLOs" % (len(replies), welcome_allowed)
     assert alive(pair.server) and alive(pair.client)
 
 
@@ -502,8 +503,9 @@ def test_replays_refused_at_once_and_after_a_client_restart(tapped_pair):
     replay(pair, attacker, c2s, s2c, new_sources | first_sources)
     check_nothing_replayed(pair, app, attacker, "after client restart")
 
-    # A replayed HELLO of the old run gets a WELCOME (no larger, for a pending epoch with a
-    # fresh server nonce the attacker cannot use), and the old packets still do not verify.
+    # A replayed HELLO of the old run gets at most a COOKIE (its cookie, if any, was made for
+    # the client's address) or a WELCOME with a fresh server nonce the attacker cannot use,
+    # both no larger than the HELLO; and the old packets still do not verify.
     old_welcomes = {bytes(d[mpudp.HEADER_SIZE + 16:mpudp.HEADER_SIZE + 32])
                     for d, _s, _t in captured(pair.taps, "down", (WELCOME,))}
     distinct_hellos = sorted({data for data, _s, _t in hellos})
@@ -548,7 +550,7 @@ def test_replays_refused_after_a_server_restart(tapped_pair):
     after = echo_payloads(pair.echo)[n_before:]
     assert not before.intersection(after), "an old payload reached the upstream after the restart"
 
-    # (e) a replayed HELLO after the restart: at most a WELCOME back, never data.
+    # (e) a replayed HELLO after the restart: at most a COOKIE or WELCOME back, never data.
     distinct_hellos = sorted({data for data, _s, _t in hellos})
     for data, source, tap in hellos[:1]:
         tap.send_as(source, data)  # from the client's own address: the client ignores the WELCOME
@@ -561,12 +563,31 @@ def test_replays_refused_after_a_server_restart(tapped_pair):
     attacker.close()
 
 
+def seal_hello(static, client_id, nonce, cookie=bytes(mpudp.NONCE_SIZE)):
+    return mpudp.seal(static.hello_mac, HELLO, 0, client_id, 0, mpudp.epoch_tag(nonce) << mpudp.SEQ_BITS,
+                      mpudp.HELLO_PAYLOAD.pack(nonce, cookie))
+
+
+def with_cookie(static, hello, cookie):
+    """A HELLO again with `cookie` in it: only the holder of the static key can make this."""
+    _flags, _link, client_id, _session, _nonce = header(hello)
+    return seal_hello(static, client_id, hello[mpudp.HEADER_SIZE:mpudp.HEADER_SIZE + mpudp.NONCE_SIZE], cookie)
+
+
+def handshake_value(data, nonce):
+    """The second field of a WELCOME or COOKIE for `nonce` (server nonce or cookie), else None."""
+    if kind(data) not in (WELCOME, COOKIE) or len(data) != HANDSHAKE_REPLY_SIZE:
+        return None
+    client_nonce, value = mpudp.WELCOME_PAYLOAD.unpack_from(data, mpudp.HEADER_SIZE)
+    return value if client_nonce == nonce else None
+
+
 def manual_handshake(sock, server_addr, secret, client_id, timeout=WAIT_S):
-    """HELLO/WELCOME by hand: the client-side Epoch, or None if no WELCOME came."""
+    """HELLO, COOKIE, HELLO with the cookie, WELCOME, by hand: the client-side Epoch, or None
+    if no WELCOME came."""
     nonce = os.urandom(mpudp.NONCE_SIZE)
     static = mpudp.StaticKeys(secret)
-    hello = mpudp.seal(static.hello_mac, HELLO, 0, client_id, 0, mpudp.epoch_tag(nonce) << mpudp.SEQ_BITS,
-                       mpudp.HELLO_PAYLOAD.pack(nonce, bytes(mpudp.NONCE_SIZE)))
+    hello = seal_hello(static, client_id, nonce)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         sock.sendto(hello, server_addr)
@@ -575,10 +596,12 @@ def manual_handshake(sock, server_addr, secret, client_id, timeout=WAIT_S):
             data, _ = sock.recvfrom(65536)
         except socket.timeout:
             continue
-        if kind(data) == WELCOME and mpudp.verify(static.welcome_mac, data, len(data)):
-            client_nonce, server_nonce = mpudp.WELCOME_PAYLOAD.unpack_from(data, mpudp.HEADER_SIZE)
-            if client_nonce == nonce:
-                return mpudp.Epoch(secret, client_nonce, server_nonce, is_client=True)
+        if not mpudp.verify(static.welcome_mac, data, len(data)) or handshake_value(data, nonce) is None:
+            continue
+        if kind(data) == COOKIE:
+            hello = seal_hello(static, client_id, nonce, handshake_value(data, nonce))
+        else:
+            return mpudp.Epoch(secret, nonce, handshake_value(data, nonce), is_client=True)
     return None
 
 
@@ -1411,6 +1434,41 @@ def first_hello(r):
     return captured_hellos(r, 1)[0]
 
 
+def get_cookie(r, sock, hello):
+    """Send `hello` from `sock` and return the cookie the server answers with."""
+    nonce = hello[mpudp.HEADER_SIZE:mpudp.HEADER_SIZE + mpudp.NONCE_SIZE]
+    found = []
+    sock.sendto(hello, r.server_addr)
+    assert r.settle(lambda: found.extend(
+        v for v in (handshake_value(d, nonce) for d, _ in drain(sock)) if v is not None) or found)
+    return found[0]
+
+
+def test_hellos_without_a_fresh_cookie_leave_no_state(rig):
+    """A HELLO with no cookie, an old one, or one made for another address gets a COOKIE (the
+    same size) and creates nothing; the same HELLO with a fresh cookie gets a WELCOME."""
+    r = rig()
+    hello = first_hello(r)
+    attacker, other = udp_socket(blocking=False), udp_socket(blocking=False)
+    pending = dict(r.peer.pending)
+    cookie = get_cookie(r, attacker, hello)  # no cookie: a COOKIE back, no state
+    assert r.peer.pending == pending and r.server.counters["hello_limit"] == 0
+    for sender, hello_sent in ((other, with_cookie(r.client.static, hello, cookie)),  # made for `attacker`
+                               (attacker, with_cookie(r.client.static, hello, bytes(range(16))))):
+        assert get_cookie(r, sender, hello_sent) is not None  # a COOKIE again, not a WELCOME
+        assert r.peer.pending == pending
+    r.run(2 * mpudp.COOKIE_PERIOD_S + 0.1, step=1.0)  # the cookie grows old
+    assert get_cookie(r, attacker, with_cookie(r.client.static, hello, cookie)) != cookie
+    assert r.peer.pending == pending
+    fresh = get_cookie(r, attacker, hello)
+    attacker.sendto(with_cookie(r.client.static, hello, fresh), r.server_addr)
+    welcomes = []
+    assert r.settle(lambda: welcomes.extend(d for d, _ in drain(attacker) if kind(d) == WELCOME) or welcomes)
+    assert len(r.peer.pending) == len(pending) + 1
+    attacker.close()
+    other.close()
+
+
 def test_pending_epochs_and_hello_answers_are_bounded(rig):
     r = rig()
     per_sweep = 2 * mpudp.HELLOS_PER_SWEEP
@@ -1421,6 +1479,7 @@ def test_pending_epochs_and_hello_answers_are_bounded(rig):
         r.run(mpudp.SWEEP_INTERVAL_CEILING_S + 0.1, step=0.05)  # a sweep refills the budget
         answered = []
         for hello in hellos[sweep * per_sweep:(sweep + 1) * per_sweep]:
+            hello = with_cookie(r.client.static, hello, get_cookie(r, attacker, hello))
             before = len(answered) + sum(r.server.counters.values())
             attacker.sendto(hello, r.server_addr)
             assert r.settle(lambda: answered.extend(d for d, _ in drain(attacker))
@@ -1584,7 +1643,7 @@ class HelloRace:
     """
 
     def __init__(self, r, stash, fresh):
-        self.r, self.fresh = r, fresh
+        self.r, self.fresh, self.static = r, fresh, r.client.static
         self.queue = collections.deque(stash)
         self.attacker, self.client = udp_socket(blocking=False), udp_socket(blocking=False)
         self.client_answered = False
@@ -1593,16 +1652,18 @@ class HelloRace:
         """Send, then pump until the server has dealt with each (a WELCOME or a counted drop)."""
         r = self.r
         before = sum(r.server.counters.values())
-        welcomes = []
+        answers = []
 
         def done():
-            welcomes.extend(d for d, _ in drain(sock) if kind(d) == WELCOME)
-            return len(welcomes) + sum(r.server.counters.values()) - before >= len(packets)
+            answers.extend(d for d, _ in drain(sock) if kind(d) in (WELCOME, COOKIE))
+            return len(answers) + sum(r.server.counters.values()) - before >= len(packets)
 
         for packet in packets:
             sock.sendto(packet, r.server_addr)
         assert r.settle(done)
-        return {w[mpudp.HEADER_SIZE:mpudp.HEADER_SIZE + mpudp.NONCE_SIZE] for w in welcomes}
+        nonce = lambda data: data[mpudp.HEADER_SIZE:mpudp.HEADER_SIZE + mpudp.NONCE_SIZE]  # noqa: E731
+        self.cookie = next((a[mpudp.HEADER_SIZE + 16:mpudp.HEADER_SIZE + 32] for a in answers if kind(a) == COOKIE), None)
+        return {nonce(a) for a in answers if kind(a) == WELCOME}
 
     def step(self, seconds):
         self.r.clock.advance(seconds)
@@ -1612,7 +1673,10 @@ class HelloRace:
         nonce = lambda hello: hello[mpudp.HEADER_SIZE:mpudp.HEADER_SIZE + mpudp.NONCE_SIZE]  # noqa: E731
         self.queue.extendleft(reversed([h for h in burst if nonce(h) not in answered]))
         self.queue.extend(h for h in burst if nonce(h) in answered)
-        if self._send_and_settle(self.client, [self.fresh]):
+        # The attacker cannot put the COOKIEs it gets into its HELLOs (the MAC covers them); the client can.
+        if self._send_and_settle(self.client, [self.fresh]) or (
+                self.cookie is not None
+                and self._send_and_settle(self.client, [with_cookie(self.static, self.fresh, self.cookie)])):
             self.client_answered = True
         return self.client_answered
 
@@ -1636,19 +1700,14 @@ def test_replayed_old_hellos_cannot_starve_a_new_handshake(rig):
 
 
 # ============================================================================
-# Weaknesses found (xfail until mpudp.py is changed)
+# Captured HELLOs cannot starve a new handshake (the cookie round)
 # ============================================================================
 
 
 class StillStarved(AssertionError):
-    """The one failure the xfail below expects (any other error is a real failure)."""
+    """The client's new handshake was refused for the whole run."""
 
 
-@pytest.mark.xfail(strict=True, raises=StillStarved, reason=(
-    "WEAKNESS: the server remembers SEEN_HELLOS_PER_CLIENT (1024) HELLO nonces, so an attacker "
-    "holding a few more captured HELLOs than that starves every new handshake of the client for "
-    "ever; a client retrying against a down server makes a new nonce every HELLO_TRIES_PER_NONCE "
-    "tries, i.e. ~1000 capturable HELLOs in 15 minutes at heartbeat_interval_sec 0.2"))
 def test_a_large_stash_of_captured_hellos_cannot_starve_a_new_handshake(rig):
     remembered = getattr(mpudp, "SEEN_HELLOS_PER_CLIENT", 1024)
     if remembered > 4096:

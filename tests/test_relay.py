@@ -202,9 +202,9 @@ def server_barrier(pair, sock, avoid_tag):
     """Return once the server has handled every datagram already sent to it.
 
     Sends a genuine HELLO with a new nonce (the test knows the keys) and waits for
-    its WELCOME: the server reads its listen socket in order, so every earlier
-    datagram was handled before.  A HELLO only adds a pending epoch; it moves no
-    return path and opens no session.
+    its answer (a COOKIE, as it carries none): the server reads its listen socket
+    in order, so every earlier datagram was handled before.  Such a HELLO leaves
+    no state at all: no epoch, no return path, no session.
     """
     nonce = os.urandom(mpudp.NONCE_SIZE)
     while mpudp.epoch_tag(nonce) == avoid_tag:
@@ -219,7 +219,7 @@ def server_barrier(pair, sock, avoid_tag):
             data, _ = sock.recvfrom(65536)
         except socket.timeout:
             break
-        if kind(data) == mpudp.TYPE_WELCOME and payload_of(data)[:mpudp.NONCE_SIZE] == nonce:
+        if kind(data) == mpudp.TYPE_COOKIE and payload_of(data)[:mpudp.NONCE_SIZE] == nonce:
             return
     raise AssertionError("the server did not answer a genuine HELLO")
 

@@ -219,8 +219,13 @@ def test_failover_when_active_link_dies(relay_pair, tmp_path, busy):
 
     With the default switch_threshold (25) one or two missed heartbeats (5 % loss each, x5) can
     already make a regular "better by" switch before the link is declared down.  The light case
-    raises the threshold so the failover always takes the down path, the slower one: its gap is
-    the worst case.  The busy case keeps the default: the busy hold vetoes every regular switch.
+    raises the threshold so the failover always takes the down path, the slower one.  The busy
+    case keeps the default: the busy hold vetoes every regular switch.
+
+    The gap is the wait for the next heartbeat (0 to heartbeat_interval_sec, depending on when the
+    link dies) plus 3.5 heartbeat timeouts (the first miss, then probes every half timeout): on
+    loopback the timeout is its 100 ms floor, so 0.35 s to 0.85 s here, up to 1.35 s at the
+    default heartbeat_interval_sec of 1.
     """
     interval = 0.5
     overrides = {"heartbeat_interval_sec": interval, "max_consecutive_fail": 5}
@@ -323,6 +328,7 @@ def test_switches_to_a_clearly_better_link(relay_pair, tmp_path):
     assert active_index(data) == fast
 
 
+@pytest.mark.slow
 def test_no_switch_inside_the_threshold(relay_pair, tmp_path):
     heartbeats = 15  # the observed window: 3 s at the fixture's 0.2 s heartbeat
     pair = relay_pair(links=2, client=client_config(tmp_path))
@@ -723,6 +729,7 @@ def test_dns_refresh_follows_a_name_to_another_server(inproc):
     assert new.peers[0].epoch is not None and new.peers[0].epoch.tag == client.epoch.tag
 
 
+@pytest.mark.slow
 def test_dns_failed_refresh_keeps_the_address_and_logs_once(inproc):
     dns = StubDNS()
     relay = inproc(dns)
@@ -872,6 +879,9 @@ def test_loss_direction_survives_a_new_epoch(inproc):
 
 
 def test_link_back_at_once_after_down_is_not_steady_sooner(inproc):
+    """A link that comes back just as it is declared down: the answers to the fast probes sent
+    around that moment (and to the fast probe still scheduled) come within ~0.1 s and must not
+    make it steady sooner than (RECOVERY_ANSWERS-1) heartbeat intervals (a flapping link)."""
     interval = 0.5
     relay = inproc(StubDNS())
     server = relay.add_server()
