@@ -37,10 +37,11 @@ Every party is its own process, so none shares a GIL with another::
 
 How each figure is measured
 ---------------------------
-Each figure is measured REPS times (3; 1 with --quick) and shown as the median
-with its spread [min-max].  Within one repetition the direct and the relay
-measurement of a figure run back to back (in alternating order), and ratios
-and differences are taken per repetition before the median.
+Each figure is measured 3 times (start-up 5 times; everything once with
+--quick) and shown as the median with its spread [min-max].  Within one
+repetition the direct and the relay measurement of a figure run back to back
+(in alternating order), and ratios and differences are taken per repetition
+before the median.
 
 - *Delivered packets/s, Mbit/s (saturation)*: the generator keeps a window of
   WINDOW (128) datagrams outstanding: it sends whenever fewer are in flight and
@@ -88,7 +89,6 @@ and differences are taken per repetition before the median.
 from __future__ import print_function
 
 import argparse
-import errno
 import json
 import os
 import platform
@@ -704,6 +704,9 @@ class Bench(object):
                      "client_private": mpudp.encode_key(client_key),
                      "client_public": mpudp.encode_key(mpudp.public_key(client_key))}
         self.mpudp_version = getattr(mpudp, "__version__", "?")
+        # As packaging/install.sh does: mpudp.py re-executes itself as `import mpudp`, which
+        # loads this bytecode instead of compiling (and keeping the compiler's memory).
+        subprocess.run([python, "-m", "compileall", "-q", MPUDP], stdout=subprocess.DEVNULL, check=False)
 
     # -- children --------------------------------------------------------------
 
@@ -1112,10 +1115,9 @@ def render(result):
     add("machine: %s, %s cores, Python %s (%s), kernel %s" % (
         m["cpu_model"], m["cores"], m["python"], m["implementation"], m["kernel"]))
     git = result["mpudp"]["git"]
-    add("commit %s%s; %d run(s) per figure, shown as median [min-max]; run took %.0f s%s" % (
+    add("commit %s%s; %d run(s) per figure, shown as median [min-max]; run took %.0f s" % (
         (git["commit"] or "?")[:12], " + uncommitted mpudp.py" if git["mpudp_py_modified"] else "", reps,
-        result.get("elapsed_s", 0),
-        "; every process at nice %d" % result["params"]["nice"] if result["params"].get("nice") else ""))
+        result.get("elapsed_s", 0)))
     add("")
     w = (28, 26, 26, 20)
     row = lambda *c: add("".join(str(x).ljust(n) for x, n in zip(c, w)).rstrip())
@@ -1181,9 +1183,14 @@ def render(result):
         cell(rs["resume_s"], 3), cell(rs["outage_s"], 3)))
     bg = result.get("background_cores") or {}
     if bg.get("median") is not None:
-        add("Background CPU (other processes) during the measured windows: median %.2f, max %.2f cores%s" % (
-            bg["median"], bg["max"], "  ** the machine was busy: throughput is understated **"
-            if bg["max"] > 0.25 else ""))
+        add("Background CPU (other processes) during the measured windows: median %.2f, max %.2f cores" % (
+            bg["median"], bg["max"]))
+        for key, what in (("saturation", "saturation throughput is understated"),
+                          ("rate_%d" % RATE, "the %d pps latencies may be inflated" % RATE)):
+            busy = [v for e in result["throughput"][key].values() for path in ("direct", "relay")
+                    for v in e[path].get("background_cores", {}).get("runs", []) if v is not None and v > 0.25]
+            if busy:
+                add("  ** %d %s window(s) had more than 0.25 cores of other load: %s **" % (len(busy), key, what))
     add("")
     add("TARGETS                                        value      target     Go original")
     for t in result["targets"]:
@@ -1223,9 +1230,6 @@ def main(argv=None):
     parser.add_argument("--show", metavar="PATH", help="print the table of a saved JSON result and exit")
     parser.add_argument("--python", default=sys.executable, help="the interpreter that runs mpudp.py")
     parser.add_argument("--window", type=int, default=WINDOW, help="datagrams in flight at saturation (%(default)s)")
-    parser.add_argument("--nice", type=int, default=0,
-                        help="run the benchmark and every process it starts at this niceness; a negative "
-                             "value (root) shields the figures from other load on a shared machine")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("role_args", nargs="*", help=argparse.SUPPRESS)
@@ -1246,9 +1250,7 @@ def main(argv=None):
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
-    if args.nice:
-        os.nice(args.nice)  # inherited by every child
-    params = dict(QUICK if args.quick else FULL, window=args.window, nice=os.nice(0))
+    params = dict(QUICK if args.quick else FULL, window=args.window)
     workdir = tempfile.mkdtemp(prefix="mpudp-bench-")
     bench = None
     started = time.monotonic()

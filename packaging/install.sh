@@ -69,6 +69,11 @@ put "$SRC/mpudp.py" "$DESTDIR$SHARE/mpudp.py" 644
 put "$SRC/keygen.py" "$DESTDIR$SHARE/keygen.py" 644
 put "$SRC/README.md" "$DESTDIR$SHARE/README.md" 644
 rm -rf "$DESTDIR$SHARE/__pycache__"	# left by keygen.py's import of an older mpudp.py
+# The daemon runs from cached bytecode (it re-executes itself as `import mpudp`):
+# compile it now, while this directory is writable, to save ~6 MB of its memory.
+if command -v "$PYTHON" >/dev/null 2>&1; then
+	"$PYTHON" -m compileall -q "$DESTDIR$SHARE/mpudp.py" >/dev/null 2>&1 || true
+fi
 echo "installed $DESTDIR$SHARE/mpudp.py, keygen.py, README.md"
 
 # The config holds a private key: the directory is 700, the files 600.

@@ -436,11 +436,15 @@ NOT_IN_LIGHT = (
 CODECS = "_codecs_cn _codecs_hk _codecs_iso2022 _codecs_jp _codecs_kr _codecs_tw unicodedata".split()
 
 WITHOUT = """
-import runpy, sys
+import os, runpy, sys
 for name in sys.argv[1].split(","):
     sys.modules[name] = None  # import raises ImportError, as if the file were not installed
 script = sys.argv[2]
 sys.argv = sys.argv[2:]
+if os.path.basename(script) == "mpudp.py":  # what `python3 mpudp.py` runs after its exec (run_as_import)
+    sys.path.insert(0, os.path.dirname(script))
+    import mpudp
+    sys.exit(mpudp.main(sys.argv[1:]))
 runpy.run_path(script, run_name="__main__")
 """
 
