@@ -46,7 +46,6 @@ Glossary (how things are named here):
 
 import argparse
 import base64
-import errno
 import heapq
 import json
 import math
@@ -134,18 +133,6 @@ SWEEP_INTERVAL_CEILING_S = 5.0
 DROP_SUMMARY_INTERVAL_S = 60.0
 ERROR_LOG_INTERVAL_S = 10.0
 SOCKET_BUFFER_BYTES = 1 << 20
-
-# Socket errors that mean "a datagram was refused or could not leave now"; they
-# are counted and logged at a bounded rate, never fatal (RFC 1122 4.1.3.3).
-TRANSIENT_ERRNOS = frozenset(
-    getattr(errno, name)
-    for name in (
-        "ECONNREFUSED", "ENETUNREACH", "EHOSTUNREACH", "EHOSTDOWN", "ENETDOWN",
-        "EAGAIN", "ENOBUFS", "EMSGSIZE", "EPERM", "EACCES", "EADDRNOTAVAIL",
-        "ECONNRESET", "EINVAL",
-    )
-    if hasattr(errno, name)
-)
 
 
 # ============================================================================
