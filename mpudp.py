@@ -2719,13 +2719,6 @@ def run(config: Config) -> int:
     reactor = Reactor(log=log)
     resolver = Resolver(reactor)
     node = Client(cfg, reactor, log, resolver) if config.mode == "client" else Server(cfg, reactor, log, resolver)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        reactor.add_signal_handler(signum, reactor.stop)
-    try:
-        node.start()
-    except OSError as exc:
-        log.error("cannot start: %s" % exc)
-        return 1
     running = [config]
 
     def on_hup() -> None:
@@ -2735,8 +2728,17 @@ def run(config: Config) -> int:
         for line in node.status_lines():
             log.info(line)
 
+    # Before start-up, so no signal finds Python's default action; they are
+    # handled once the loop runs.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        reactor.add_signal_handler(signum, reactor.stop)
     reactor.add_signal_handler(signal.SIGHUP, on_hup)
     reactor.add_signal_handler(signal.SIGUSR1, on_usr1)
+    try:
+        node.start()
+    except OSError as exc:
+        log.error("cannot start: %s" % exc)
+        return 1
     log.info("mpudp %s running as %s (pid %d)" % (__version__, config.mode, os.getpid()))
     try:
         reactor.run()
