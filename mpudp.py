@@ -2759,7 +2759,8 @@ def show_status(config: Config, out=None) -> int:
     key = "score_file" if config.mode == "client" else "status_file"
     path = getattr(cfg, key)
     if not path:
-        out.write("no status: set %s.%s in %s, then restart mpudp\n" % (config.mode, key, config.path))
+        out.write("no status: set %s.%s in %s, then reload (SIGHUP) or restart mpudp\n" % (
+            config.mode, key, config.path))
         return 3
     try:
         with open(path) as f:
@@ -2767,10 +2768,13 @@ def show_status(config: Config, out=None) -> int:
     except (OSError, ValueError) as exc:
         out.write("mpudp is not running (or has not written %s yet): %s\n" % (path, exc))
         return 3
-    age = time.time() - status.get("time", 0)
-    fresh_s = 3 * max(SCORE_FILE_MIN_INTERVAL_S, getattr(cfg, "heartbeat_interval_s", SWEEP_INTERVAL_CEILING_S),
-                      SWEEP_INTERVAL_CEILING_S if config.mode == "server" else 0)
-    if not _pid_alive(status.get("pid")) or age > fresh_s:
+    if not isinstance(status, dict) or not isinstance(status.get("time"), (int, float)):
+        out.write("%s is not an mpudp status file\n" % path)
+        return 3
+    age = time.time() - status["time"]
+    written_every_s = (max(SCORE_FILE_MIN_INTERVAL_S, cfg.heartbeat_interval_s) if config.mode == "client"
+                       else SWEEP_INTERVAL_CEILING_S)
+    if not _pid_alive(status.get("pid")) or age > 3 * written_every_s:
         out.write("mpudp is not running: %s was last written %.0fs ago by pid %s\n" % (path, age, status.get("pid")))
         return 3
     out.write("mpudp %s, pid %s, updated %.1fs ago\n" % (config.mode, status.get("pid"), age))
