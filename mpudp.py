@@ -116,7 +116,7 @@ COOKIE_PERIOD_S = 30.0  # a cookie is good in the period it was made and the nex
 INITIAL_HEARTBEAT_TIMEOUT_S = 1.0  # before the first RTT sample, as RFC 6298
 HEARTBEAT_TIMEOUT_FLOOR_S = 0.1
 HEARTBEAT_TIMEOUT_CEILING_S = 2.0  # the original's fixed timeout
-LOSS_WINDOW_HEARTBEATS = 20
+LOSS_WINDOW_HEARTBEATS = 50  # one loss is 2%: 10 points at the default weight, < switch_threshold
 RECOVERY_ANSWERS = 3  # consecutive answers before a recovered link is a regular candidate
 MIN_DWELL_HEARTBEATS = 5  # no regular switch sooner than this after the last one
 MIN_DWELL_FLOOR_S = 2.0
@@ -479,7 +479,11 @@ class Epoch:
 # - Loss is the share of unanswered heartbeats among the last
 #   LOSS_WINDOW_HEARTBEATS resolved ones: a sliding window, never reset on a
 #   schedule.  Uplink loss counts heartbeats the server never saw; downlink
-#   loss counts echoes lost after the server saw the heartbeat.
+#   loss counts echoes lost after the server saw the heartbeat.  The window is
+#   50 so that one lost heartbeat (2%, 10 points at the default loss_weight)
+#   stays below the default switch_threshold: with a window of 20 a single
+#   loss was worth 25 points, and two equal links with light random loss
+#   swapped traffic a dozen times in ten minutes (simulated).
 # - After the first miss the link is probed every half timeout, so
 #   `max_consecutive_fail` misses in a row (down) take a fraction of a second
 #   rather than that many heartbeat intervals.  One answer makes the link up

@@ -413,7 +413,7 @@ def test_direction_split_loss_in_score_file(relay_pair, tmp_path):
 
     snapshots, datas = [], []
     after = time.time()
-    for _ in range(3):  # three consecutive writes: the window is 20 heartbeats, one write can be unlucky
+    for _ in range(3):  # three consecutive writes: the loss window is short at first, one write can be unlucky
         data = fresh_score(score, after)
         snapshots.append(data["links"])
         datas.append(data)
