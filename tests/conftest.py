@@ -80,6 +80,21 @@ def ipv6_available():
         return False
 
 
+needs_ipv6 = pytest.mark.skipif(not ipv6_available(), reason="IPv6 loopback (::1) is not available here")
+
+
+@pytest.fixture
+def cleanup():
+    """Register callables to run at teardown, last registered first."""
+    actions = []
+    yield actions.append
+    for action in reversed(actions):
+        try:
+            action()
+        except Exception:
+            pass
+
+
 # -- an echo upstream --------------------------------------------------------
 
 
@@ -171,7 +186,7 @@ class MpudpProcess:
             return None
 
         with self.cond:
-            found = self.cond.wait_for(lambda: find() is not None or self.proc.poll() is not None, timeout)
+            self.cond.wait_for(lambda: find() is not None or self.proc.poll() is not None, timeout)
             index = find()
         if index is None:
             raise AssertionError("no line with %r within %ss (exit %r); output:\n%s" % (

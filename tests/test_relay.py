@@ -27,30 +27,16 @@ import time
 import pytest
 
 import mpudp
-from conftest import (MPUDP, ROOT, WAIT_S, EchoServer, MpudpProcess, addr_text, free_udp_port,
-                      ipv6_available, keypair, write_config)
+from conftest import (MPUDP, ROOT, WAIT_S, addr_text, EchoServer, free_udp_port, keypair, MpudpProcess,
+                      needs_ipv6, write_config)
 from linkemu import LinkEmulator
 
 MAX = mpudp.MAX_DATA_PAYLOAD  # 65475: the largest datagram the relay carries
 HDR = mpudp.HEADER_SIZE
 MACLEN = mpudp.MAC_SIZE
 
-needs_ipv6 = pytest.mark.skipif(not ipv6_available(), reason="IPv6 loopback (::1) is not available here")
-
 
 # -- helpers -------------------------------------------------------------------
-
-
-@pytest.fixture
-def cleanup():
-    """Register callables to run at teardown, last registered first."""
-    actions = []
-    yield actions.append
-    for action in reversed(actions):
-        try:
-            action()
-        except Exception:
-            pass
 
 
 def udp_socket(host="127.0.0.1"):

@@ -25,28 +25,14 @@ import time
 
 import pytest
 
-from conftest import (WAIT_S, EchoServer, MpudpProcess, addr_text, free_udp_port, ipv6_available, keypair,
+from conftest import (WAIT_S, addr_text, EchoServer, free_udp_port, keypair, MpudpProcess, needs_ipv6,
                       write_config)
 from linkemu import LinkEmulator
 
 LOOPBACK = "127.0.0.1"
 
-needs_ipv6 = pytest.mark.skipif(not ipv6_available(), reason="IPv6 loopback (::1) is not available here")
-
 
 # -- helpers -------------------------------------------------------------------
-
-
-@pytest.fixture
-def cleanup():
-    """Register callables to run at teardown, last registered first."""
-    actions = []
-    yield actions.append
-    for action in reversed(actions):
-        try:
-            action()
-        except Exception:
-            pass
 
 
 def app_socket(host=LOOPBACK):
