@@ -1382,32 +1382,19 @@ def test_full_socket_buffer_is_survived(relay_pair):
 # ============================================================================
 
 
-def test_client_max_sessions(relay_pair):
-    pair = relay_pair(links=1, client={"max_sessions": 3})
-    apps = [App(pair.client_address) for _ in range(4)]
-    for i, app in enumerate(apps[:3]):
+@pytest.mark.parametrize("side, limit", [("client", 3), ("server", 2)])
+def test_max_sessions_refuses_the_next_one(relay_pair, side, limit):
+    pair = relay_pair(links=1, **{side: {"max_sessions": limit}})
+    refusing = getattr(pair, side)
+    apps = [App(pair.client_address) for _ in range(limit + 1)]
+    for i, app in enumerate(apps[:limit]):
         app.probe("app%d" % i)
-    assert apps[3].silent_for("app3", 1.0) == []
-    pair.client.wait_for_line("max_sessions (3) reached")
-    for i, app in enumerate(apps[:3]):
+    assert apps[limit].silent_for("app%d" % limit, 1.0) == []
+    refusing.wait_for_line("max_sessions (%d) reached" % limit)
+    for i, app in enumerate(apps[:limit]):
         app.probe("app%d-again" % i)
-    assert not any(data.startswith(b"app3") for data in echo_payloads(pair.echo))
-    assert alive(pair.client)
-    for app in apps:
-        app.close()
-
-
-def test_server_max_sessions(relay_pair):
-    pair = relay_pair(links=1, server={"max_sessions": 2})
-    apps = [App(pair.client_address) for _ in range(3)]
-    for i, app in enumerate(apps[:2]):
-        app.probe("app%d" % i)
-    assert apps[2].silent_for("app2", 1.0) == []
-    pair.server.wait_for_line("max_sessions (2) reached")
-    for i, app in enumerate(apps[:2]):
-        app.probe("app%d-again" % i)
-    assert not any(data.startswith(b"app2") for data in echo_payloads(pair.echo))
-    assert alive(pair.server)
+    assert not any(data.startswith(b"app%d" % limit) for data in echo_payloads(pair.echo))
+    assert alive(refusing)
     for app in apps:
         app.close()
 
