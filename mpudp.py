@@ -1253,7 +1253,9 @@ class Client:
             link.sock = None
 
     def _on_address_change(self, endpoint: Endpoint) -> None:
-        link = next(l for l in self.links if l.endpoint is endpoint)
+        link = next((l for l in self.links if l.endpoint is endpoint), None)
+        if link is None:
+            return  # a look-up that finished after a reload removed its link
         if link.sock is None or link.sock.family != endpoint.family:
             self._close_link_socket(link)
             self._open_link_socket(link)
@@ -1494,8 +1496,6 @@ class Client:
         link.hb_timer = self.reactor.call_at(when, self._heartbeat_tick, link)
 
     def _heartbeat_tick(self, link: ClientLink) -> None:
-        if link.sock is None and link not in self.links:
-            return  # removed by a reload
         now = self.reactor.time()
         self._send_heartbeat(link, now)
         health = link.health
@@ -1526,6 +1526,8 @@ class Client:
             link.tx_bytes += length
 
     def _on_heartbeat_timeout(self, link: ClientLink, seq: int) -> None:
+        if link not in self.links:
+            return  # removed by a reload: its heartbeat timer is cancelled, keep it so
         now = self.reactor.time()
         went_down = link.health.on_timeout(seq, now)
         health = link.health

@@ -463,3 +463,41 @@ def test_sighup_removing_the_active_link_moves_the_traffic(relay_pair, tmp_path)
         status = read_json(score)
     assert [(link["index"], link["address"], link["active"]) for link in status["links"]] == [(0, kept_addr, True)]
     assert pair.client.proc.poll() is None
+
+
+def test_reload_removing_a_link_whose_lookup_is_still_running():
+    """A link removed by a reload while its DNS look-up hangs: the late answer is ignored, not an error."""
+    import mpudp  # in-process: Client, Reactor and a resolver stub the test controls
+    release = threading.Event()
+
+    def slow_getaddrinfo(host, port, *args):
+        release.wait(WAIT_S)
+        return [(socket.AF_INET, socket.SOCK_DGRAM, 0, "", ("127.0.0.1", port))]
+
+    reactor = mpudp.Reactor(log=mpudp.Log(stream=open(os.devnull, "w")))
+    resolver = mpudp.Resolver(reactor, getaddrinfo=slow_getaddrinfo)
+    server_private, server_public = keypair()
+    client_private, _ = keypair()
+
+    def client_config(links):
+        return mpudp.parse_config({"mode": "client", "client": {
+            "listen_addr": "127.0.0.1:0", "links": [{"remote_addr": r} for r in links],
+            "client_private_key": client_private, "server_public_key": server_public}}).section
+
+    client = mpudp.Client(client_config(["127.0.0.1:9", "relay.test:9"]), reactor, reactor.log, resolver)
+    try:
+        client.start()
+        client.reconfigure(client_config(["127.0.0.1:9"]))  # relay.test is still being looked up
+        assert [link.endpoint.text for link in client.links] == ["127.0.0.1:9"]
+        release.set()
+        deadline = time.monotonic() + WAIT_S
+        while resolver._in_flight and time.monotonic() < deadline:
+            reactor.run_once(0.05)
+        assert not resolver._in_flight, "the look-up never came back"
+        assert reactor.errors["callback"] == 0
+        assert [link.endpoint.text for link in client.links] == ["127.0.0.1:9"]
+    finally:
+        release.set()
+        client.close()
+        resolver.close()
+        reactor.close()
