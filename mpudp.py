@@ -46,6 +46,7 @@ Glossary (how things are named here):
 
 import argparse
 import base64
+import errno
 import heapq
 import json
 import math
@@ -95,6 +96,9 @@ TYPE_WELCOME = 5
 TYPE_COOKIE = 6
 TYPE_MASK = 0x0F
 FLAG_ACTIVE = 0x80  # "the server should send replies back over this link"
+COPIES_SHIFT = 4  # bits 4-6 of the first byte, on ACTIVE packets: copies sent downstream, minus 1
+COPIES_MASK = 0x70
+MAX_REDUNDANCY = 8  # what those three bits can say
 
 SEQ_BITS = 48
 SEQ_MASK = (1 << SEQ_BITS) - 1
@@ -124,6 +128,7 @@ THROUGHPUT_WINDOW_S = 3.0
 HELLO_TRIES_PER_NONCE = 4  # HELLO is repeated every heartbeat interval until a WELCOME
 HELLO_TRIES_BEFORE_WARNING = 10
 HELLO_FIRST_RETRY_S = 0.05  # doubling up to the heartbeat interval
+AUTO_REDUNDANCY_HEARTBEATS = 10  # "auto" duplicates while the active link missed one of its last 10
 DNS_RETRY_FLOOR_S = 1.0
 DNS_RETRY_CEILING_S = 60.0
 SCORE_FILE_MIN_INTERVAL_S = 1.0
@@ -435,6 +440,10 @@ class ReplayWindow:
             return False
         return self._slots[seq % self.size] != seq
 
+    def seen(self, seq: int) -> bool:
+        """Was `seq` accepted, and is it still inside the window?  (A copy, not an old packet.)"""
+        return seq + self.size > self.top and self._slots[seq % self.size] == seq
+
     def mark(self, seq: int) -> None:
         """Record `seq` as accepted (after its MAC verified)."""
         self._slots[seq % self.size] = seq
@@ -575,6 +584,16 @@ class LinkHealth:
             return True
         return False
 
+    def force_down(self, now: float) -> bool:
+        """The link cannot carry anything (its interface or address is gone): down now,
+        not after max_consecutive_fail misses.  True if it was up."""
+        self.consecutive_ok = 0
+        if not self.up:
+            return False
+        self.up = False
+        self.changed_at = now
+        return True
+
     def _add_rtt_sample(self, rtt: float) -> None:
         if self.srtt is None:
             self.srtt, self.rttvar = rtt, rtt / 2
@@ -612,6 +631,10 @@ class LinkHealth:
         if not resolved:
             return 0.0
         return sum(1 for r in resolved if not r.answered) / len(resolved)
+
+    def recent_misses(self, count: int) -> int:
+        """How many of the last `count` heartbeats with an outcome got no answer."""
+        return sum(1 for r in self._resolved()[-count:] if not r.answered)
 
     def loss_up(self) -> Optional[float]:
         """Share of recent heartbeats the server never received; None if unknown."""
@@ -776,6 +799,7 @@ class Reactor:
         self._stopping = False
         self._signal_sock = None  # type: Optional[socket.socket]
         self._signal_handlers = {}  # type: Dict[int, Callable]
+        self._removed = []  # type: List[selectors.SelectorKey]  # readers removed in this pass
 
     # -- timers --------------------------------------------------------------
 
@@ -818,9 +842,12 @@ class Reactor:
 
     def remove_reader(self, sock: socket.socket) -> None:
         try:
-            self.selector.unregister(sock)
+            key = self.selector.unregister(sock)
         except (KeyError, ValueError):
-            pass
+            return
+        # Its event may be in the batch being dispatched (a callback closed it):
+        # run_once skips it, and the handler never sees a closed socket.
+        self._removed.append(key)
 
     # -- signals -------------------------------------------------------------
 
@@ -867,7 +894,11 @@ class Reactor:
         if heap:
             until_timer = max(0.0, heap[0][0] - self.time())
             timeout = until_timer if timeout is None else min(timeout, until_timer)
+        removed = self._removed
+        del removed[:]
         for key, _mask in self.selector.select(timeout):
+            if removed and any(key is r for r in removed):
+                continue
             self.call_guarded(key.data, ())
         now = self.time()
         due = []
@@ -972,20 +1003,20 @@ class Resolver:
         self._writer.setblocking(False)
         reactor.add_reader(self._reader, self._deliver)
 
-    def lookup(self, key: Any, host: str, port: int, callback: Callable[[Any], None]) -> bool:
-        """Resolve in the background; callback((family, sockaddr)) or callback(OSError) later
-        on the loop.  False if a look-up for `key` is still in flight."""
+    def lookup(self, key: Any, host: str, port: int, callback: Callable[[Any], None], family: int = 0) -> bool:
+        """Resolve in the background (to `family` only, if not 0); callback((family, sockaddr))
+        or callback(OSError) later on the loop.  False if a look-up for `key` is still in flight."""
         if key in self._in_flight:
             return False
         self._in_flight.add(key)
-        worker = threading.Thread(target=self._work, args=(key, host, port, callback),
+        worker = threading.Thread(target=self._work, args=(key, host, port, callback, family),
                                   name="mpudp-dns", daemon=True)
         worker.start()
         return True
 
-    def _work(self, key: Any, host: str, port: int, callback: Callable) -> None:
+    def _work(self, key: Any, host: str, port: int, callback: Callable, family: int = 0) -> None:
         try:
-            infos = self.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
+            infos = self.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
             result = (infos[0][0], infos[0][4]) if infos else OSError("no address")  # type: Any
         except (OSError, UnicodeError, LookupError) as exc:
             result = exc if isinstance(exc, OSError) else OSError(str(exc))
@@ -1037,6 +1068,68 @@ def open_udp_socket(family: int, bind_to: Optional[tuple] = None) -> socket.sock
     return sock
 
 
+# A link can be made to leave by one uplink: bound to an interface
+# (SO_BINDTODEVICE), marked for policy routing (SO_MARK, as mwan3 and
+# `ip rule fwmark` use) or bound to a source address.  The option names are
+# missing from older Pythons' socket module; these are Linux's values.
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+SO_MARK = getattr(socket, "SO_MARK", 36)
+# "Not there (yet)": an interface that is down or gone, an address not assigned
+# (an LTE modem that is still dialling).  The link waits and retries; other
+# errors (no permission, an unsupported option) will not go away by waiting.
+WAITING_ERRNOS = frozenset((errno.ENODEV, errno.ENXIO, errno.EADDRNOTAVAIL, errno.ENETDOWN,
+                            errno.EADDRINUSE))
+
+
+class LinkSocketError(OSError):
+    """A link's socket option or bind failed: `what` names it; `waiting` if it may work later."""
+
+    def __init__(self, what: str, exc: OSError, hint: str = "") -> None:
+        super().__init__(exc.errno, "%s: %s%s" % (what, exc.strerror or exc, hint))
+        self.waiting = exc.errno in WAITING_ERRNOS
+
+
+def open_link_socket(family: int, spec: "LinkConfig") -> socket.socket:
+    """A link's own socket (its own source port and NAT mapping), leaving by the interface,
+    mark and source address the link's config asks for; LinkSocketError if it cannot."""
+    sock = open_udp_socket(family)
+    try:
+        if spec.bind_interface:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, spec.bind_interface.encode() + b"\0")
+            except OSError as exc:
+                raise LinkSocketError("bind_interface %s" % spec.bind_interface, exc,
+                                      " (binding to an interface needs CAP_NET_RAW)"
+                                      if exc.errno in (errno.EPERM, errno.EACCES) else "") from None
+        if spec.fwmark:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, spec.fwmark)
+            except OSError as exc:
+                raise LinkSocketError("fwmark 0x%x" % spec.fwmark, exc, " (SO_MARK needs CAP_NET_ADMIN)"
+                                      if exc.errno in (errno.EPERM, errno.EACCES) else "") from None
+        if spec.bind_addr is not None:
+            try:
+                sock.bind(spec.bind_addr[2])
+            except OSError as exc:
+                raise LinkSocketError("bind_addr %s" % spec.bind_addr[0], exc) from None
+        else:
+            sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def interface_index(name: str) -> int:
+    """The interface's index now; 0 if there is no such interface.  An interface that
+    is deleted and made again (ppp0, wwan0) gets a new index: a socket bound to the
+    old one sends nowhere and must be made again."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return 0
+
+
 def listen_address(host: str, port: int) -> Tuple[int, tuple]:
     """(family, sockaddr) to bind for a listen_addr; "" means every address, IPv6 and IPv4.
 
@@ -1067,11 +1160,13 @@ class Endpoint:
     logged once until a look-up succeeds again.
     """
 
-    def __init__(self, text: str, host: str, port: int, on_change: Callable[["Endpoint"], None]) -> None:
+    def __init__(self, text: str, host: str, port: int, on_change: Callable[["Endpoint"], None],
+                 want_family: int = 0) -> None:
         self.text = text
         self.host = host
         self.port = port
         self.on_change = on_change
+        self.want_family = want_family  # a link bound to an IPv4 (IPv6) address needs one of those
         self.failures = 0
         numeric = numeric_address(host, port)
         self.is_name = numeric is None
@@ -1087,7 +1182,7 @@ class Endpoint:
             self._timers.append(reactor.call_every(refresh_s, self._lookup))
 
     def _lookup(self) -> None:
-        self._resolver.lookup(self, self.host, self.port, self._on_result)
+        self._resolver.lookup(self, self.host, self.port, self._on_result, self.want_family)
 
     def _on_result(self, result: Any) -> None:
         if isinstance(result, OSError):
@@ -1127,14 +1222,19 @@ def recovery_hold_s(config: "ClientConfig") -> float:
 class ClientLink:
     """One path to the server: its endpoint, socket, heartbeats and measurements."""
 
-    def __init__(self, index: int, endpoint: Endpoint, priority: float, max_consecutive_fail: int,
-                 recovery_hold_s: float) -> None:
+    def __init__(self, index: int, spec: "LinkConfig", on_address_change: Callable[[Endpoint], None],
+                 max_consecutive_fail: int, recovery_hold_s: float) -> None:
         self.index = index
-        self.endpoint = endpoint
-        self.priority = priority
+        self.spec = spec
+        self.endpoint = Endpoint(spec.remote_addr, spec.host, spec.port, on_address_change,
+                                 spec.bind_addr[1] if spec.bind_addr else 0)
+        self.priority = spec.priority
         self.health = LinkHealth(max_consecutive_fail, recovery_hold_s=recovery_hold_s)
         self.meter = ThroughputMeter()
         self.sock = None  # type: Optional[socket.socket]
+        self.ifindex = 0  # of bind_interface when the socket was made
+        self.waiting = ""  # why the link has no socket yet ("" if it has one, or no address yet)
+        self.carrier = False  # data goes out on this link (the active one, and more with redundancy)
         self.cookie = bytes(NONCE_SIZE)  # the server's cookie for the HELLO nonce, on this path
         self.hb_seq = 0
         self.hb_timer = None  # type: Optional[Timer]
@@ -1175,14 +1275,14 @@ class Client:
         self.resolver = resolver
         self.counters = Counters()
         self.static = StaticKeys(config.static_secret)
-        self.links = [
-            ClientLink(i, Endpoint(link.remote_addr, link.host, link.port, self._on_address_change),
-                       link.priority, config.max_consecutive_fail, recovery_hold_s(config))
-            for i, link in enumerate(config.links)
-        ]
+        self.links = [ClientLink(i, spec, self._on_address_change, config.max_consecutive_fail,
+                                 recovery_hold_s(config))
+                      for i, spec in enumerate(config.links)]
         self.policy = SwitchPolicy(config.switch_threshold, config.throughput_threshold_kbps,
                                    max(MIN_DWELL_FLOOR_S, MIN_DWELL_HEARTBEATS * config.heartbeat_interval_s))
         self.active = None  # type: Optional[ClientLink]
+        self.carriers = []  # type: List[ClientLink]  # the active link first, then copies' links
+        self._data_flags = TYPE_DATA | FLAG_ACTIVE
         self.last_switch_at = None  # type: Optional[float]
         self.epoch = None  # type: Optional[Epoch]
         self.sessions_by_addr = {}  # type: Dict[tuple, ClientSession]
@@ -1214,10 +1314,13 @@ class Client:
         now = self.reactor.time()
         for link in self.links:
             if link.addr is not None:
-                self._open_link_socket(link)
+                self._open_link_socket(link, at_start=True)
+            elif link.spec.socket_options != ("", "", 0):
+                self._probe_link_options(link)
             link.endpoint.start(self.reactor, self.resolver, self.log, cfg.dns_refresh_interval_s)
             link.next_hb_at = now
         self.active = self.links[self.policy.choose(self._candidates(), None, None, now)[0]]
+        self._set_carriers(self._candidates(), now)
         self._periodic = [
             self.reactor.call_every(cfg.heartbeat_interval_s, self.evaluate),
             self.reactor.call_every(self._sweep_interval(), self._sweep),
@@ -1241,10 +1344,39 @@ class Client:
 
     # -- link sockets --------------------------------------------------------
 
-    def _open_link_socket(self, link: ClientLink) -> None:
-        any_address = ("::", 0) if link.endpoint.family == socket.AF_INET6 else ("0.0.0.0", 0)
-        link.sock = open_udp_socket(link.endpoint.family, any_address)
+    def _open_link_socket(self, link: ClientLink, at_start: bool = False) -> bool:
+        """Make the link's socket; False (logged) if its interface or address is not there
+        yet.  An option that cannot work (no permission) stops a start, and leaves the
+        link without a socket later (a reload, a new address)."""
+        try:
+            link.sock = open_link_socket(link.endpoint.family, link.spec)
+        except LinkSocketError as exc:
+            why = "%s: %s" % (link.name, exc.strerror)
+            if exc.waiting:
+                if link.waiting != exc.strerror:
+                    self.log.warn("%s; the link is down until that changes" % why)
+                link.waiting = exc.strerror
+                return False
+            if at_start:
+                raise OSError(why) from None
+            self.log.every("link-socket:%d" % link.index, ERROR_LOG_INTERVAL_S, "error", why)
+            return False
+        if link.waiting:
+            self.log.info("%s: its socket is ready again (%s was the trouble)" % (link.name, link.waiting))
+            link.waiting = ""
+        link.ifindex = interface_index(link.spec.bind_interface) if link.spec.bind_interface else 0
         self.reactor.add_reader(link.sock, lambda: self._on_link_readable(link))
+        return True
+
+    def _probe_link_options(self, link: ClientLink) -> None:
+        """At start, for a link whose host name is not resolved yet: its socket options
+        are tried on a throw-away socket, so a lacking permission stops the start now."""
+        spec = link.spec
+        try:
+            open_link_socket(spec.bind_addr[1] if spec.bind_addr else socket.AF_INET, spec).close()
+        except LinkSocketError as exc:
+            if not exc.waiting:
+                raise OSError("%s: %s" % (link.name, exc.strerror)) from None
 
     def _close_link_socket(self, link: ClientLink) -> None:
         if link.sock is not None:
@@ -1252,19 +1384,55 @@ class Client:
             link.sock.close()
             link.sock = None
 
+    def _watch_link_sockets(self, now: float) -> None:
+        """Every heartbeat interval: make the sockets of links that have none (an interface
+        or address that was not there), and drop those whose interface was deleted or
+        made again (a new index: the old socket sends nowhere)."""
+        for link in self.links:
+            if link.sock is None:
+                if link.addr is not None and self._open_link_socket(link):
+                    self._link_socket_ready(link, now)
+            elif link.ifindex and interface_index(link.spec.bind_interface) != link.ifindex:
+                self._lose_link_socket(link, "interface %s went away" % link.spec.bind_interface, now)
+
+    def _link_socket_ready(self, link: ClientLink, now: float) -> None:
+        if self.epoch is None:
+            self._send_hello_on(link)
+        else:
+            self._schedule_heartbeat(link, now)
+
+    def _lose_link_socket(self, link: ClientLink, why: str, now: float) -> None:
+        """The link cannot send any more (its interface or address is gone): down at once,
+        and its socket is made again when that comes back."""
+        self._close_link_socket(link)
+        link.waiting = why
+        self.log.warn("%s: %s; the link is down until it is back" % (link.name, why))
+        if link.health.force_down(now):
+            self._evaluate_now(now)
+            if not any(l.health.up for l in self.links):
+                self._start_handshake()
+        else:
+            self._set_carriers(self._candidates(), now)
+
     def _on_address_change(self, endpoint: Endpoint) -> None:
         link = next((l for l in self.links if l.endpoint is endpoint), None)
         if link is None:
             return  # a look-up that finished after a reload removed its link
         if link.sock is None or link.sock.family != endpoint.family:
             self._close_link_socket(link)
-            self._open_link_socket(link)
+            if not self._open_link_socket(link):
+                return
         if self.epoch is None:
             self._send_hello()
         self._schedule_heartbeat(link, self.reactor.time())
 
     def _link_error(self, link: ClientLink, exc: OSError) -> None:
         self.counters.add("link_errors")
+        spec = link.spec
+        if (spec.bind_interface or spec.bind_addr) and exc.errno in WAITING_ERRNOS and link.sock is not None:
+            self._lose_link_socket(link, "%s (%s)" % (exc.strerror, spec.bind_interface or spec.bind_addr[0]),
+                                   self.reactor.time())
+            return
         self.log.every("link-error:%d" % link.index, ERROR_LOG_INTERVAL_S, "warn",
                        "%s: %s" % (link.name, exc))
 
@@ -1294,27 +1462,31 @@ class Client:
                 if session is None:
                     continue
             session.packets += 1
-            epoch, link = self.epoch, self.active
-            if epoch is None or link is None or link.sock is None:
+            epoch, carriers = self.epoch, self.carriers
+            if epoch is None or not carriers:
                 self.counters.add("no_path")
                 continue
+            # One sequence number for all copies: the server takes the first to
+            # arrive and its replay window drops the others.  Each copy names its
+            # own link, so each has its own MAC.
             epoch.tx_seq += 1
-            pack_header(buf, 0, TYPE_DATA | FLAG_ACTIVE, link.index, client_id, session.id,
-                        epoch.nonce_base | epoch.tx_seq)
+            nonce = epoch.nonce_base | epoch.tx_seq
+            flags = self._data_flags
             end = HEADER_SIZE + n
-            m = epoch.tx_mac.copy()
-            m.update(view[:end])
-            buf[end:end + MAC_SIZE] = m.digest()
-            end += MAC_SIZE
-            try:
-                link.sock.sendto(view[:end], link.endpoint.addr)
-            except BlockingIOError:
-                self.counters.add("tx_full")
-                continue
-            except OSError as exc:
-                self._link_error(link, exc)
-                continue
-            link.tx_bytes += end
+            for link in carriers:
+                pack_header(buf, 0, flags, link.index, client_id, session.id, nonce)
+                m = epoch.tx_mac.copy()
+                m.update(view[:end])
+                buf[end:end + MAC_SIZE] = m.digest()
+                try:
+                    link.sock.sendto(view[:end + MAC_SIZE], link.endpoint.addr)
+                except BlockingIOError:
+                    self.counters.add("tx_full")
+                    continue
+                except OSError as exc:
+                    self._link_error(link, exc)
+                    continue
+                link.tx_bytes += end + MAC_SIZE
 
     def _open_session(self, addr: tuple) -> Optional[ClientSession]:
         if len(self.sessions_by_addr) >= self.config.max_sessions:
@@ -1339,7 +1511,7 @@ class Client:
         sock = link.sock
         buf, view = self._buf, self._view
         client_id = self.config.client_id
-        while True:
+        while sock is link.sock:  # an error below may close it
             try:
                 n = sock.recv_into(view)
             except BlockingIOError:
@@ -1367,7 +1539,8 @@ class Client:
                 continue
             seq = nonce & SEQ_MASK
             if not epoch.window.fresh(seq):
-                self.counters.add("replay")
+                # A copy sent on another link too (redundancy), or a replay: dropped alike.
+                self.counters.add("duplicate" if epoch.window.seen(seq) else "replay")
                 continue
             m = epoch.rx_mac.copy()
             m.update(view[:n - MAC_SIZE])
@@ -1511,7 +1684,9 @@ class Client:
         link.hb_seq = link.hb_seq % 0xFFFFFFFF + 1
         ctl = self._ctl
         HEARTBEAT_PAYLOAD.pack_into(ctl, HEADER_SIZE, link.hb_seq, 0)
-        flags = TYPE_HEARTBEAT | (FLAG_ACTIVE if link is self.active else 0)
+        # ACTIVE on the links data goes out on, with the number of copies: where the
+        # server sends replies (PROTOCOL.md, "Return path").
+        flags = TYPE_HEARTBEAT | (self._data_flags & (FLAG_ACTIVE | COPIES_MASK) if link.carrier else 0)
         length = seal_into(ctl, epoch.tx_mac, flags, link.index, self.config.client_id, 0,
                            epoch.next_nonce(), HEARTBEAT_PAYLOAD.size)
         link.health.on_sent(link.hb_seq, now)
@@ -1557,6 +1732,7 @@ class Client:
     def evaluate(self) -> None:
         """The regular evaluation, every heartbeat interval."""
         now = self.reactor.time()
+        self._watch_link_sockets(now)
         for link in self.links:
             link.meter.sample(now, link.tx_bytes + link.rx_bytes)
         self._evaluate_now(now)
@@ -1571,6 +1747,44 @@ class Client:
         index, reason = self.policy.choose(candidates, active, self.last_switch_at, now)
         if reason:
             self._switch_to(self.links[index], reason, candidates, now)
+        self._set_carriers(candidates, now)
+
+    def copies_wanted(self) -> int:
+        """How many links carry each packet now: `redundancy`, or for "auto" two while
+        the active link has missed one of its last AUTO_REDUNDANCY_HEARTBEATS heartbeats."""
+        wanted = self.config.redundancy
+        if wanted == "auto":
+            active = self.active
+            lossy = active is not None and (active.health.consecutive_fail > 0 or not active.health.up
+                                            or active.health.recent_misses(AUTO_REDUNDANCY_HEARTBEATS) > 0)
+            return 2 if lossy else 1
+        return wanted
+
+    def _set_carriers(self, candidates: List[Candidate], now: float) -> None:
+        """The links data goes out on: the active one, then the best other up links while
+        redundancy asks for more copies.  A link that starts carrying is told to the
+        server at once, by a heartbeat."""
+        active = self.active
+        carriers = []  # type: List[ClientLink]
+        if active is not None and active.sock is not None:
+            carriers.append(active)
+            extra = self.copies_wanted() - 1
+            if extra > 0:
+                others = [l for l in self.links if l is not active and candidates[l.index].up]
+                others.sort(key=lambda l: candidates[l.index].score, reverse=True)
+                carriers.extend(others[:extra])
+        if carriers == self.carriers:
+            return
+        was = self.carriers
+        self.carriers = carriers
+        self._data_flags = TYPE_DATA | FLAG_ACTIVE | (max(0, len(carriers) - 1) << COPIES_SHIFT)
+        for link in self.links:
+            link.carrier = link in carriers
+        if (len(carriers) > 1 or len(was) > 1) and set(carriers) != set(was):
+            self.log.info("sending on %s" % (" + ".join(l.name for l in carriers) or "no link"))
+        for link in carriers:
+            if link not in was and self.epoch is not None:
+                self._schedule_heartbeat(link, now)  # tells the server to send replies on it
 
     def _switch_to(self, link: ClientLink, reason: str, candidates: List[Candidate], now: float) -> None:
         old = self.active
@@ -1631,8 +1845,13 @@ class Client:
                 "kbps": round(cand.kbps, 1),
                 "priority": link.priority,
                 "active": link is self.active,
+                "carrier": link.carrier,
                 "switches": link.switches,
             })
+            if link.spec.socket_options != ("", "", 0):
+                links[-1]["via"] = describe_link_binding(link.spec)
+            if link.waiting:
+                links[-1]["waiting"] = link.waiting
         now = self.reactor.time()
         return {
             "mode": "client",
@@ -1641,6 +1860,7 @@ class Client:
             "last_switch_ago_s": None if self.last_switch_at is None else round(now - self.last_switch_at, 1),
             "epoch": "%04x" % self.epoch.tag if self.epoch else None,
             "sessions": len(self.sessions_by_id),
+            "copies": len(self.carriers),
             "links": links,
             "counters": dict(self.counters),
         }
@@ -1656,23 +1876,24 @@ class Client:
     def reconfigure(self, new: "ClientConfig") -> None:
         """Apply a reloaded config (keys and listen address unchanged): links, weights, intervals.
 
-        Links are matched by remote_addr, so a kept link keeps its socket, its
-        measurements and, if it was active, the traffic; sessions are untouched.
+        Links are matched by remote_addr and socket options (bind_interface,
+        bind_addr, fwmark), so a kept link keeps its socket, its measurements and,
+        if it was active, the traffic; sessions are untouched.
         """
         now = self.reactor.time()
-        old = {link.endpoint.text: link for link in self.links}
+        old = {(link.endpoint.text, link.spec.socket_options): link for link in self.links}
         refresh_changed = new.dns_refresh_interval_s != self.config.dns_refresh_interval_s
         self.config = new
         links = []
         for index, spec in enumerate(new.links):
-            link = old.pop(spec.remote_addr, None)
+            link = old.pop((spec.remote_addr, spec.socket_options), None)
             if link is None:
                 link = self._new_link(index, spec)
                 self.log.info("reload: %s added" % link.name)
             elif refresh_changed:
                 link.endpoint.close()
                 link.endpoint.start(self.reactor, self.resolver, self.log, new.dns_refresh_interval_s)
-            link.index, link.priority = index, spec.priority
+            link.index, link.priority, link.spec = index, spec.priority, spec
             link.health.max_consecutive_fail = new.max_consecutive_fail
             link.health.recovery_hold_s = recovery_hold_s(new)
             links.append(link)
@@ -1682,6 +1903,7 @@ class Client:
         self.links = links
         if self.active is not None and self.active not in links:
             self.active = None
+        self.carriers = [l for l in self.carriers if l in links]
         self.policy = SwitchPolicy(new.switch_threshold, new.throughput_threshold_kbps,
                                    max(MIN_DWELL_FLOOR_S, MIN_DWELL_HEARTBEATS * new.heartbeat_interval_s))
         self._periodic[0].interval = new.heartbeat_interval_s
@@ -1689,8 +1911,8 @@ class Client:
         self._evaluate_now(now)
 
     def _new_link(self, index: int, spec: "LinkConfig") -> ClientLink:
-        link = ClientLink(index, Endpoint(spec.remote_addr, spec.host, spec.port, self._on_address_change),
-                          spec.priority, self.config.max_consecutive_fail, recovery_hold_s(self.config))
+        link = ClientLink(index, spec, self._on_address_change, self.config.max_consecutive_fail,
+                          recovery_hold_s(self.config))
         if link.addr is not None:
             self._open_link_socket(link)
         link.endpoint.start(self.reactor, self.resolver, self.log, self.config.dns_refresh_interval_s)
@@ -1725,15 +1947,29 @@ def _percent(value: Optional[float]) -> str:
     return "-" if value is None else "%.0f" % (value * 100)
 
 
+def describe_link_binding(spec: "LinkConfig") -> str:
+    """How a link's socket leaves this host: "dev wwan0 mark 0x10 from 10.0.0.2" (as `ip route` says)."""
+    parts = []
+    if spec.bind_interface:
+        parts.append("dev %s" % spec.bind_interface)
+    if spec.fwmark:
+        parts.append("mark 0x%x" % spec.fwmark)
+    if spec.bind_addr:
+        parts.append("from %s" % spec.bind_addr[0])
+    return " ".join(parts)
+
+
 def link_table_lines(links: Sequence[Dict[str, Any]]) -> List[str]:
-    """The client's links (as in status()["links"]) as an aligned table; * marks the active one."""
+    """The client's links (as in status()["links"]) as an aligned table; * marks the active
+    one, + the others that carry copies (redundancy)."""
     rows = [("", "link", "address", "state", "srtt ms", "loss%", "up/down", "score", "kbps", "switches")]
     for link in links:
         rows.append((
-            "*" if link["active"] else "",
+            "*" if link["active"] else "+" if link.get("carrier") else "",
             str(link["index"]),
-            link["address"],
-            link["state"] + ("" if link["steady"] or link["state"] == "down" else "?"),
+            link["address"] + (" " + link["via"] if link.get("via") else ""),
+            ("wait" if link.get("waiting") else link["state"])
+            + ("" if link["steady"] or link["state"] == "down" else "?"),
             "-" if link["srtt_ms"] is None else "%.2f" % link["srtt_ms"],
             _percent(link["loss"]),
             "%s/%s" % (_percent(link["loss_up"]), _percent(link["loss_down"])),
@@ -1753,7 +1989,8 @@ def client_status_lines(status: Dict[str, Any]) -> List[str]:
 def server_status_lines(status: Dict[str, Any]) -> List[str]:
     rows = [("client", "epoch", "return path", "upstream", "sessions")]
     for c in status["clients"]:
-        path = "-" if c["return_link"] is None else "link %d %s" % (c["return_link"], c["return_addr"])
+        path = "-" if c["return_link"] is None else " + ".join(
+            "link %d %s" % (link, addr) for link, addr in c.get("return_links") or [(c["return_link"], c["return_addr"])])
         rows.append((str(c["client_id"]), c["epoch"] or "-", path, c["upstream"], str(c["sessions"])))
     return format_table(rows)
 
@@ -1823,9 +2060,15 @@ class Peer:
         self.upstream = upstream
         self.epoch = None  # type: Optional[Epoch]
         self.pending = {}  # type: Dict[int, Epoch]  # tag -> epoch, oldest first
+        # Where replies go (PROTOCOL.md, "Return path"): the link of the newest ACTIVE
+        # packet, and with redundancy the links of the next newest, as many as it asks.
         self.return_addr = None  # type: Optional[tuple]
         self.return_link = 0
         self.return_seq = 0  # the newest ACTIVE packet; older ones never move the path back
+        self.copies_bits = 0  # that packet's COPIES field
+        self.extra_return_addrs = []  # type: List[tuple]  # replies' copies, with redundancy
+        self.return_links = ()  # type: Tuple[Tuple[int, tuple], ...]  # (link, address), for logs and status
+        self.carrier_paths = {}  # type: Dict[int, Tuple[tuple, int]]  # link -> (address, newest ACTIVE seq)
         self.heartbeats = {}  # type: Dict[int, List[int]]  # link -> [last seq, bitmap]
         self.sessions = {}  # type: Dict[int, ServerSession]
         self.packets = 0
@@ -1933,7 +2176,7 @@ class Server:
                     continue
             seq = nonce & SEQ_MASK
             if not epoch.window.fresh(seq):
-                counters.add("replay")
+                counters.add("duplicate" if epoch.window.seen(seq) else "replay")
                 continue
             m = epoch.rx_mac.copy()
             m.update(view[:n - MAC_SIZE])
@@ -1945,9 +2188,10 @@ class Server:
                 self._adopt_epoch(peer, epoch)
             peer.packets += 1
             if type_flags & FLAG_ACTIVE and seq > peer.return_seq:
+                if (addr != peer.return_addr or link != peer.return_link
+                        or type_flags & COPIES_MASK != peer.copies_bits):
+                    self._set_return_path(peer, link, addr, seq, type_flags & COPIES_MASK)
                 peer.return_seq = seq
-                if addr != peer.return_addr or link != peer.return_link:
-                    self._set_return_path(peer, link, addr)
             if kind == TYPE_DATA:
                 session = peer.sessions.get(session_id)
                 if session is None:
@@ -2017,18 +2261,28 @@ class Server:
             if epoch is None or addr is None:
                 self.counters.add("no_return_path")
                 continue
+            # The copies (redundancy) are the same bytes: the client takes the first
+            # to arrive, whichever socket it comes in on.
             HEADER.pack_into(buf, 0, TYPE_DATA, peer.return_link, peer.client_id, session.id,
                              epoch.next_nonce())
             end = HEADER_SIZE + n
             m = epoch.tx_mac.copy()
             m.update(view[:end])
             buf[end:end + MAC_SIZE] = m.digest()
+            packet = view[:end + MAC_SIZE]
             try:
-                self.listen_sock.sendto(view[:end + MAC_SIZE], addr)
+                self.listen_sock.sendto(packet, addr)
             except BlockingIOError:
                 self.counters.add("tx_full")
             except OSError as exc:
                 self._socket_error("listen", exc)
+            for addr in peer.extra_return_addrs:
+                try:
+                    self.listen_sock.sendto(packet, addr)
+                except BlockingIOError:
+                    self.counters.add("tx_full")
+                except OSError as exc:
+                    self._socket_error("listen", exc)
 
     # -- control ---------------------------------------------------------------
 
@@ -2095,16 +2349,34 @@ class Server:
         peer.epoch = epoch
         peer.pending.clear()
         peer.return_seq = 0  # heartbeat bitmaps stay: a new epoch does not restart the link's count
+        peer.carrier_paths = {link: (addr, 0) for link, (addr, _seq) in peer.carrier_paths.items()}
         self.log.info("client %d: new epoch %04x" % (peer.client_id, epoch.tag))
 
-    def _set_return_path(self, peer: Peer, link: int, addr: tuple) -> None:
+    def _set_return_path(self, peer: Peer, link: int, addr: tuple, seq: int, copies_bits: int) -> None:
+        """A newer ACTIVE packet came by another link or address, or asks for another
+        number of copies: replies go by its link and, with redundancy, by the links of
+        the next newest ACTIVE packets."""
+        paths = peer.carrier_paths
         if peer.return_addr is not None:
-            self.log.info("client %d: replies now go by link %d (%s)" % (
-                peer.client_id, link, format_address(addr)))
+            paths[peer.return_link] = (peer.return_addr, peer.return_seq)  # its seq was not kept up to date
+        paths[link] = (addr, seq)
+        while len(paths) > 256:  # cannot happen (the link is one byte); keeps the bound obvious
+            del paths[next(iter(paths))]
+        copies = (copies_bits >> COPIES_SHIFT) + 1
+        others = sorted((l for l in paths if l != link), key=lambda l: paths[l][1], reverse=True)[:copies - 1]
+        had_path = peer.return_addr is not None
+        peer.return_addr, peer.return_link, peer.copies_bits = addr, link, copies_bits
+        peer.extra_return_addrs = [paths[l][0] for l in others]
+        links = tuple(sorted([(link, addr)] + [(l, paths[l][0]) for l in others]))
+        if links == peer.return_links:
+            return  # with redundancy the newest copy's link alternates; the set did not change
+        peer.return_links = links
+        where = " + ".join("%d (%s)" % (l, format_address(a)) for l, a in links)
+        if not had_path:
+            self.log.info("client %d: return path link%s %s" % (peer.client_id, "s" if len(links) > 1 else "", where))
         else:
-            self.log.info("client %d: return path link %d (%s)" % (peer.client_id, link, format_address(addr)))
-        peer.return_addr = addr
-        peer.return_link = link
+            self.log.info("client %d: replies now go by link%s %s" % (
+                peer.client_id, "s" if len(links) > 1 else "", where))
 
     def _echo(self, peer: Peer, link: int, addr: tuple) -> None:
         hb_seq, _reserved = HEARTBEAT_PAYLOAD.unpack_from(self._buf, HEADER_SIZE)
@@ -2149,6 +2421,7 @@ class Server:
             elif (peer.return_addr is not None and peer.last_heard is not None
                   and now - peer.last_heard >= self.config.heartbeat_timeout_s):
                 peer.return_addr = None
+                peer.extra_return_addrs, peer.return_links, peer.carrier_paths = [], (), {}
                 self.log.info("client %d silent for %.0fs: return path dropped" % (
                     peer.client_id, now - peer.last_heard))
             for session in list(peer.sessions.values()):
@@ -2171,6 +2444,8 @@ class Server:
                 "epoch": "%04x" % peer.epoch.tag if peer.epoch else None,
                 "return_link": peer.return_link if peer.return_addr else None,
                 "return_addr": format_address(peer.return_addr),
+                "return_links": [[link, format_address(addr)] for link, addr in peer.return_links]
+                if peer.return_addr else [],
                 "upstream": peer.upstream.text,
                 "sessions": len(peer.sessions),
             })
@@ -2231,6 +2506,7 @@ CLIENT_DEFAULTS = {
     "session_timeout_sec": 180.0,
     "max_sessions": 1024,
     "log_target": "stderr",
+    "redundancy": 1,
 }
 
 SERVER_DEFAULTS = {
@@ -2352,8 +2628,20 @@ _KIND_NAMES = {"str": "a string", "int": "an integer", "number": "a number", "bo
 
 
 class LinkConfig:
-    def __init__(self, remote_addr: str, host: str, port: int, priority: float) -> None:
+    """One entry of client.links: where it goes, and how its socket leaves this host."""
+
+    def __init__(self, remote_addr: str, host: str, port: int, priority: float,
+                 bind_interface: str = "", bind_addr: Optional[Tuple[str, int, tuple]] = None,
+                 fwmark: int = 0) -> None:
         self.remote_addr, self.host, self.port, self.priority = remote_addr, host, port, priority
+        self.bind_interface = bind_interface
+        self.bind_addr = bind_addr  # (text, family, sockaddr) or None: any address, any port
+        self.fwmark = fwmark
+
+    @property
+    def socket_options(self) -> tuple:
+        """What a link's socket is made with: a reload that changes it makes a new link."""
+        return (self.bind_interface, self.bind_addr[0] if self.bind_addr else "", self.fwmark)
 
 
 class ClientConfig:
@@ -2404,11 +2692,14 @@ def _read_client(section: _Section, top_debug: bool) -> ClientConfig:
         link = _Section(item, "%s.links[%d]" % (section.path, i), section.errors, section.warnings)
         remote = link.address("remote_addr")
         priority = link.number("priority", 0, -1e9)
+        bind_interface, bind_addr, fwmark = _read_link_socket_options(link, remote)
         link.finish()
         if remote is not None:
-            cfg.links.append(LinkConfig(remote[0], remote[1], remote[2], priority))
+            cfg.links.append(LinkConfig(remote[0], remote[1], remote[2], priority,
+                                        bind_interface, bind_addr, fwmark))
     if len(cfg.links) > 255:
         section.error("links", "at most 255 links")
+    cfg.redundancy = _read_redundancy(section)
     cfg.heartbeat_interval_s = section.number("heartbeat_interval_sec", d["heartbeat_interval_sec"], 0.05)
     cfg.loss_weight = section.number("loss_weight", d["loss_weight"], 0)
     cfg.rtt_weight = section.number("rtt_weight", d["rtt_weight"], 0)
@@ -2430,6 +2721,64 @@ def _read_client(section: _Section, top_debug: bool) -> ClientConfig:
         except ProtocolError as exc:
             section.error("server_public_key", str(exc))
     return cfg
+
+
+def _read_link_socket_options(link: _Section, remote: Optional[Tuple[str, str, int]]
+                              ) -> Tuple[str, Optional[Tuple[str, int, tuple]], int]:
+    """bind_interface, bind_addr and fwmark of one link, checked (the socket applies them)."""
+    linux_only = "is Linux-only (SO_BINDTODEVICE / SO_MARK), not available on %s" % sys.platform
+    bind_interface = link.get("bind_interface", "str", "")
+    if bind_interface and not sys.platform.startswith("linux"):
+        link.error("bind_interface", linux_only)
+    elif bind_interface and (len(bind_interface.encode()) > 15 or "/" in bind_interface
+                             or any(c.isspace() for c in bind_interface)):
+        link.error("bind_interface", "%r is not an interface name (at most 15 bytes, no '/' or spaces)"
+                   % bind_interface)
+    fwmark = link.get("fwmark", "int", 0) if not isinstance(link.data.get("fwmark"), str) else None
+    if fwmark is None:  # "0x100", as ip rule and mwan3 write marks
+        text = link.get("fwmark", "str")
+        try:
+            fwmark = int(text, 0)
+        except ValueError:
+            link.error("fwmark", "%r is not a number (decimal, or hex as \"0x100\")" % text)
+            fwmark = 0
+    if not 0 <= fwmark <= 0xFFFFFFFF:
+        link.error("fwmark", "must be from 0 to 0xffffffff")
+        fwmark = 0
+    if fwmark and not sys.platform.startswith("linux"):
+        link.error("fwmark", linux_only)
+    bind_addr = None
+    text = link.get("bind_addr", "str", "")
+    if text:
+        found = numeric_address(text, 0)  # a bare address, IPv6 without brackets too
+        if found is None:
+            try:
+                host, port = split_host_port(text)
+                found = numeric_address(host, port)
+            except ValueError:
+                pass
+        if found is None:
+            link.error("bind_addr", "%r: needs an IP address of this host, optionally with :port "
+                       "(\"192.0.2.7\", \"192.0.2.7:40000\", \"[2001:db8::7]:40000\")" % text)
+        else:
+            bind_addr = (text, found[0], found[1])
+            remote_numeric = numeric_address(remote[1], remote[2]) if remote else None
+            if remote_numeric is not None and remote_numeric[0] != found[0]:
+                link.error("bind_addr", "%r is IPv%s but remote_addr %r is IPv%s" % (
+                    text, 6 if found[0] == socket.AF_INET6 else 4, remote[0],
+                    6 if remote_numeric[0] == socket.AF_INET6 else 4))
+    return bind_interface, bind_addr, fwmark
+
+
+def _read_redundancy(section: _Section) -> Any:
+    """1..MAX_REDUNDANCY copies of every packet, or "auto" (a second copy while the active link loses)."""
+    if isinstance(section.data.get("redundancy"), str):
+        value = section.get("redundancy", "str")
+        if value != "auto":
+            section.error("redundancy", "must be a number of links from 1 to %d, or \"auto\"" % MAX_REDUNDANCY)
+            return 1
+        return value
+    return section.integer("redundancy", CLIENT_DEFAULTS["redundancy"], 1, MAX_REDUNDANCY)
 
 
 def _read_server(section: _Section, top_debug: bool) -> ServerConfig:
@@ -2673,10 +3022,17 @@ def describe(config: Config) -> List[str]:
         lines.append("client_id: %d" % cfg.client_id)
         for i, link in enumerate(cfg.links):
             numeric = numeric_address(link.host, link.port)
-            lines.append("links[%d]: %s%s, priority %g" % (
-                i, link.remote_addr, "" if numeric else " (host name, resolved at start)", link.priority))
+            via = describe_link_binding(link)
+            lines.append("links[%d]: %s%s, priority %g%s" % (
+                i, link.remote_addr, "" if numeric else " (host name, resolved at start)", link.priority,
+                ", " + via if via else ""))
         lines.append("heartbeat every %gs, down after %d misses, switch when better by %g" % (
             cfg.heartbeat_interval_s, cfg.max_consecutive_fail, cfg.switch_threshold))
+        if cfg.redundancy == "auto":
+            lines.append("redundancy: auto (a copy on the next best link while the active one loses heartbeats)")
+        elif cfg.redundancy > 1:
+            lines.append("redundancy: every packet on the %d best links (bandwidth x%d)" % (
+                cfg.redundancy, cfg.redundancy))
     else:
         for i in range(len(cfg.client_public_keys)):
             lines.append("client %d: upstream %s" % (i, cfg.upstream_for(i)[0]))

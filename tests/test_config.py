@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -555,3 +556,27 @@ def test_cli_unknown_key_warning_on_stderr(tmp_path):
     assert result.returncode == 0
     assert result.stderr.splitlines() == [
         "mpudp: warning: client.heartbeat_intervall_sec: unknown key; did you mean 'heartbeat_interval_sec'?"]
+
+
+def test_redundancy_default_count_and_auto():
+    assert mpudp.parse_config(copy.deepcopy(CLIENT)).section.redundancy == 1
+    assert mpudp.parse_config(client(redundancy=2)).section.redundancy == 2
+    assert mpudp.parse_config(client(redundancy="auto")).section.redundancy == "auto"
+
+
+@pytest.mark.parametrize("value", [0, 9, -1, "two", 1.5, True, None])
+def test_bad_redundancy(value):
+    line = error_for(client(redundancy=value), "client.redundancy")
+    assert "from 1 to 8" in line or "must be" in line
+
+
+def test_link_socket_options_are_read():
+    links = [{"remote_addr": "1.2.3.4:5000", "bind_interface": "wwan0", "fwmark": "0x64"},
+             {"remote_addr": "[240c::1]:5000", "bind_addr": "2001:db8::7", "fwmark": 7},
+             {"remote_addr": "1.2.3.4:5000", "bind_addr": "192.0.2.7:40000"}]
+    c = mpudp.parse_config(client(links=links)).section
+    assert [(l.bind_interface, l.fwmark) for l in c.links] == [("wwan0", 0x64), ("", 7), ("", 0)]
+    assert c.links[1].bind_addr[1:] == (socket.AF_INET6, ("2001:db8::7", 0, 0, 0))
+    assert c.links[2].bind_addr[1:] == (socket.AF_INET, ("192.0.2.7", 40000))
+    assert [mpudp.describe_link_binding(l) for l in c.links] == [
+        "dev wwan0 mark 0x64", "mark 0x7 from 2001:db8::7", "from 192.0.2.7:40000"]

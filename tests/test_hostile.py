@@ -65,8 +65,8 @@ DATA, HEARTBEAT, ECHO, HELLO, WELCOME, COOKIE = (mpudp.TYPE_DATA, mpudp.TYPE_HEA
 HANDSHAKE_REPLY_SIZE = mpudp.OVERHEAD + mpudp.WELCOME_PAYLOAD.size  # WELCOME and COOKIE: HELLO's size
 
 # Counters that mean "dropped before anything moved" (PROTOCOL.md, "Receiving a packet").
-SERVER_PRE_AUTH_DROPS = {"short", "unknown_client", "stale_epoch", "replay", "auth", "hello_limit"}
-CLIENT_PRE_AUTH_DROPS = {"short", "bad_header", "stale_welcome", "stale_epoch", "replay", "auth"}
+SERVER_PRE_AUTH_DROPS = {"short", "unknown_client", "stale_epoch", "replay", "duplicate", "auth", "hello_limit"}
+CLIENT_PRE_AUTH_DROPS = {"short", "bad_header", "stale_welcome", "stale_epoch", "replay", "duplicate", "auth"}
 
 
 def report(text):

@@ -667,3 +667,31 @@ def test_light_random_loss_on_equal_links_switches_rarely():
     switches = [_two_links_with_random_loss(loss=0.05, seed=seed) for seed in range(5)]
     print("\nswitches in 10 simulated minutes at 5% loss on both links:", switches)
     assert sum(switches) / len(switches) <= 5, switches
+
+
+# -- a link that loses its interface; "auto" redundancy's trigger ----------------
+
+
+def test_force_down_takes_a_link_down_at_once_and_it_recovers_through_heartbeats():
+    s = Script()
+    for _ in range(5):
+        s.answered()
+    assert s.h.up and s.h.steady
+    assert s.h.force_down(s.t) is True
+    assert not s.h.up and not s.h.steady and s.h.changed_at == s.t
+    assert s.h.force_down(s.t) is False  # already down: nothing to tell
+    assert s.answered() is True  # the first answer brings it back, as after any outage
+    assert s.h.up and not s.h.steady
+
+
+def test_recent_misses_counts_only_the_last_heartbeats():
+    s = Script()
+    s.lost_up()
+    for _ in range(9):
+        s.answered()
+    assert s.h.recent_misses(10) == 1
+    s.answered()
+    assert s.h.recent_misses(10) == 0  # the miss aged out of the last ten
+    assert s.h.loss() > 0  # while the 50-heartbeat loss window still counts it
+    s.lost_down()
+    assert s.h.recent_misses(10) == 1

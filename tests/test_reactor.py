@@ -577,3 +577,29 @@ def test_format_address():
     for text in ("192.0.2.1:7", "[2001:db8::2]:65000"):
         host, port = mpudp.split_host_port(text)
         assert mpudp.format_address((host, port)) == text
+
+
+def test_a_reader_removed_by_an_earlier_handler_in_the_same_pass_is_not_called(reactor):
+    """Two sockets readable in one select(); the first handler closes the second (a link
+    whose interface went away): its handler must not run on the closed socket."""
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        calls = []
+        readers = [b for _a, b in pairs]
+
+        def handler(i):
+            calls.append(i)
+            other = readers[1 - i]
+            reactor.remove_reader(other)
+
+        for i, b in enumerate(readers):
+            b.setblocking(False)
+            reactor.add_reader(b, lambda i=i: handler(i))
+        for a, _b in pairs:
+            a.send(b"x")
+        reactor.run_once(1.0)
+        assert len(calls) == 1  # whichever ran first removed the other
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()

@@ -274,3 +274,15 @@ def test_epoch_has_its_own_replay_window():
     assert isinstance(server.window, mpudp.ReplayWindow)
     assert server.window is not client.window
     assert server.window.fresh(1)
+
+
+def test_replay_window_tells_a_copy_from_an_old_packet():
+    """`seen`: accepted and still inside the window (a redundancy copy, counted as a
+    duplicate); an old number outside the window is not `seen`, only not fresh."""
+    w = mpudp.ReplayWindow(64)
+    w.mark(10)
+    assert w.seen(10) and not w.fresh(10)
+    assert not w.seen(11)
+    w.mark(100)
+    assert not w.fresh(10) and not w.seen(10)  # fell out of the window: a replay, not a copy
+    assert not w.seen(0)
