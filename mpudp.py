@@ -1421,6 +1421,7 @@ class Client:
         if link.sock is None or link.sock.family != endpoint.family:
             self._close_link_socket(link)
             if not self._open_link_socket(link):
+                self._evaluate_now(self.reactor.time())  # no socket: not a carrier, nor a candidate
                 return
         if self.epoch is None:
             self._send_hello()
@@ -2187,11 +2188,14 @@ class Server:
             if epoch is not peer.epoch:
                 self._adopt_epoch(peer, epoch)
             peer.packets += 1
-            if type_flags & FLAG_ACTIVE and seq > peer.return_seq:
-                if (addr != peer.return_addr or link != peer.return_link
-                        or type_flags & COPIES_MASK != peer.copies_bits):
-                    self._set_return_path(peer, link, addr, seq, type_flags & COPIES_MASK)
-                peer.return_seq = seq
+            if type_flags & FLAG_ACTIVE:
+                if seq > peer.return_seq:
+                    if (addr != peer.return_addr or link != peer.return_link
+                            or type_flags & COPIES_MASK != peer.copies_bits):
+                        self._set_return_path(peer, link, addr, seq, type_flags & COPIES_MASK)
+                    peer.return_seq = seq
+                elif peer.copies_bits and link != peer.return_link:
+                    self._note_carrier(peer, link, addr, seq)  # a slower link's packet: it carries too
             if kind == TYPE_DATA:
                 session = peer.sessions.get(session_id)
                 if session is None:
@@ -2360,16 +2364,37 @@ class Server:
         if peer.return_addr is not None:
             paths[peer.return_link] = (peer.return_addr, peer.return_seq)  # its seq was not kept up to date
         paths[link] = (addr, seq)
+        had_path = peer.return_addr is not None
+        peer.return_addr, peer.return_link = addr, link
+        if copies_bits == peer.copies_bits and (link, addr) in peer.return_links:
+            # With redundancy the link of the newest copy alternates: same links, new first one.
+            peer.extra_return_addrs = [a for l, a in peer.return_links if l != link]
+            return
+        peer.copies_bits = copies_bits
+        self._rank_return_links(peer, had_path)
+
+    def _note_carrier(self, peer: Peer, link: int, addr: tuple, seq: int) -> None:
+        """An ACTIVE packet older than the newest, from another link: with redundancy a
+        slower link's packets always come second, and it carries all the same."""
+        known = peer.carrier_paths.get(link)
+        if known is not None and known[1] >= seq:
+            return  # late even for its own link: it never moves that link's address back
+        peer.carrier_paths[link] = (addr, seq)
+        if (link, addr) not in peer.return_links:
+            self._rank_return_links(peer, True)
+
+    def _rank_return_links(self, peer: Peer, had_path: bool) -> None:
+        """Replies go to the newest ACTIVE packet's link and the links of the next newest,
+        COPIES + 1 in all."""
+        paths, link = peer.carrier_paths, peer.return_link
         while len(paths) > 256:  # cannot happen (the link is one byte); keeps the bound obvious
             del paths[next(iter(paths))]
-        copies = (copies_bits >> COPIES_SHIFT) + 1
+        copies = (peer.copies_bits >> COPIES_SHIFT) + 1
         others = sorted((l for l in paths if l != link), key=lambda l: paths[l][1], reverse=True)[:copies - 1]
-        had_path = peer.return_addr is not None
-        peer.return_addr, peer.return_link, peer.copies_bits = addr, link, copies_bits
         peer.extra_return_addrs = [paths[l][0] for l in others]
-        links = tuple(sorted([(link, addr)] + [(l, paths[l][0]) for l in others]))
+        links = tuple(sorted([(link, peer.return_addr)] + [(l, paths[l][0]) for l in others]))
         if links == peer.return_links:
-            return  # with redundancy the newest copy's link alternates; the set did not change
+            return
         peer.return_links = links
         where = " + ".join("%d (%s)" % (l, format_address(a)) for l, a in links)
         if not had_path:

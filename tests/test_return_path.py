@@ -235,3 +235,23 @@ def test_forged_or_replayed_packets_do_not_move_the_return_path(bench):
     assert return_links(bench) == [0]
     assert [data for data, _ in bench.upstream_seen] == [b"a"]
     assert sorted(bench.replies(b"r", [0])) == [0]
+
+
+def test_a_slower_carrying_link_is_answered_on_too(bench):
+    """Redundancy over a fast and a slow link: the slow link's packets always arrive
+    after newer ones from the fast link (its data copies are dropped as duplicates
+    unread), yet it carries, so replies must go there too."""
+    before = bench.taken()
+    base = bench.epoch.tx_seq
+    bench.send(0, DATA | ACTIVE | copies_flags(2), b"a", seq=base + 2)  # fast link, newer
+    bench.send(1, HEARTBEAT | ACTIVE | copies_flags(2), seq=base + 1)  # slow link's heartbeat, older
+    bench.epoch.tx_seq = base + 2
+    bench.settle(before + 2)
+    assert return_links(bench) == [0, 1]
+    assert sorted(bench.replies(b"r", [0, 1])) == [0, 1]
+    # Its own older packets never move a link's address back.
+    stale = bench.server.peers[0].carrier_paths[1]
+    before = bench.taken()
+    bench.send(1, HEARTBEAT | ACTIVE | copies_flags(2), seq=base + 1)  # a replay: refused
+    bench.settle(before + 1)
+    assert bench.server.peers[0].carrier_paths[1] == stale
