@@ -22,7 +22,8 @@ Every party is its own process, so none shares a GIL with another::
   socket, select() only when the socket is empty.
 - *mpudp server* and *mpudp client*: ``python3 mpudp.py -config=PATH``, with the
   "default config" of the failover issue: heartbeat_interval_sec 0.5,
-  max_consecutive_fail 5, two links.  For the throughput, latency, CPU and
+  max_consecutive_fail 5, two links, and a score_file / status_file (for the
+  counters).  For the throughput, latency, CPU and
   memory figures both links go straight to the server (two client sockets, no
   extra hop); for failover and restart they go through *link emulators*
   (``--role links``: tests/linkemu.py LinkEmulators in a process of their own,
@@ -30,7 +31,8 @@ Every party is its own process, so none shares a GIL with another::
 - *load generator*: ``--role loadgen``: one UDP socket that sends and receives,
   steered by JSON commands on stdin.  Each datagram carries a phase id, a
   sequence number and its send time (time.monotonic_ns), so latency comes from
-  the echo itself and stragglers of an earlier phase are ignored.
+  the echo itself and stragglers of an earlier phase are ignored.  An echo of
+  a sequence number already echoed is counted as a duplicate, not delivered.
 - the orchestrator (this process) spawns everything, each child in its own
   session (process group) with PR_SET_PDEATHSIG, and kills every group in a
   ``finally``, so nothing outlives the run even on error or Ctrl-C.
@@ -84,6 +86,18 @@ before the median.
   exited a new server is spawned on the same port; "resume" is the first echo
   - the new server's spawn time, "outage" is the first echo after - the last
   echo before.
+- *Redundancy 2*: a second relay (server + client) runs beside the first one,
+  its client with ``"redundancy": 2`` (both loopback links carry every packet,
+  the server answers on both).  At 1200 B only, in each repetition right after
+  (or before) the first relay, it gets a saturation window of 1.5 s and a
+  1000 pps window of 2 s (shorter than the others, to keep the run short; every
+  figure is a rate or a median, so the length does not bias it).
+  It is reported against the first relay (redundancy 1) of the same
+  repetition: pkt/s, relay CPU/packet, added RTT p50 (- the direct path's p50),
+  each as r2/r1 too.  Echoes delivered twice to the generator must be 0; the
+  "duplicate" counters of both relays' server and client (copies dropped by the
+  replay window) come from their status_file / score_file, read once the files
+  are newer than the last measurement.
 """
 
 from __future__ import print_function
@@ -116,11 +130,14 @@ WINDOW = 128
 LOSS_TIMEOUT_S = 0.1
 FAILOVER_RATE = 100
 RELAY_CONFIG = {"heartbeat_interval_sec": 0.5, "max_consecutive_fail": 5}
+REDUNDANCY = 2  # the second relay's client config "redundancy"
+REDUNDANT_SIZE = 1200
+STATUS_WAIT_S = 8.0  # a server writes its status_file every 5 s (its sweep), a client every 1 s
 
 FULL = {"reps": 3, "warmup": 0.3, "sat_s": 2.5, "rate_s": 3.0, "failover_reps": 3, "restart_reps": 3,
-        "startup_reps": 5, "idle_s": 1.0}
+        "startup_reps": 5, "idle_s": 1.0, "redundant_sat_s": 1.5, "redundant_rate_s": 2.0}
 QUICK = {"reps": 1, "warmup": 0.1, "sat_s": 0.5, "rate_s": 0.5, "failover_reps": 1, "restart_reps": 1,
-         "startup_reps": 1, "idle_s": 0.2}
+         "startup_reps": 1, "idle_s": 0.2, "redundant_sat_s": 0.5, "redundant_rate_s": 0.5}
 
 # Targets: (key in the flat figures, label, op, limit, Go original's figure or None).
 TARGETS = [
@@ -135,6 +152,7 @@ TARGETS = [
     ("rss_idle_server_mb", "idle RSS, server (MB)", "<", 20.0, 4.7),
     ("startup_ms", "start-up to forwarding (ms)", "<", 200.0, None),
     ("failover_gap_s", "failover gap, active link blackholed (s)", "<", 1.0, None),
+    ("r2_duplicates", "echoes delivered twice, redundancy 2", "<=", 0, None),
 ]
 
 PAYLOAD_HEADER = struct.Struct("!IIQ")  # phase, sequence number, send time (monotonic ns)
@@ -319,13 +337,16 @@ class LoadGen(object):
         measure_at_ns = int((start + cmd["warmup"]) * 1e9)
         end_at = start + cmd["warmup"] + cmd["duration"]
         end_ns = None
-        seq = acked = received = send_errors = timeouts = 0
+        seq = acked = received = send_errors = timeouts = duplicates = 0
         acked_at_start = 0
         rtts = []
+        seen = bytearray(1 << 16)  # seen[s]: echo s has arrived (grown as seq grows)
         cpu0 = t0 = None
         while True:
             while seq - acked < window:
                 seq += 1
+                if seq == len(seen):
+                    seen.extend(bytes(len(seen)))
                 pack_into(buf, 0, phase, seq, clock_ns())
                 try:
                     sendto(buf, target)
@@ -351,6 +372,10 @@ class LoadGen(object):
             p, s, sent_ns = unpack_from(rbuf)
             if p != phase or n != size:
                 continue
+            if seen[s]:
+                duplicates += 1
+                continue
+            seen[s] = 1
             if s > acked:
                 acked = s
             if end_ns is not None:
@@ -368,7 +393,7 @@ class LoadGen(object):
         self.drain(0.15)
         seconds = (t1 - t0) if t0 is not None else 0.0
         return {"sent": seq, "received": received, "lost": max(0, acked - acked_at_start - received),
-                "timeouts": timeouts, "send_errors": send_errors,
+                "timeouts": timeouts, "send_errors": send_errors, "duplicates": duplicates,
                 "seconds": seconds, "pps": received / seconds if seconds else 0.0,
                 "mbps": received * size * 8 / seconds / 1e6 if seconds else 0.0,
                 "latency": latency_summary(rtts), "cpu": cpu_delta(cpu0, cpu1) if cpu0 else {}, "rss_kb": rss,
@@ -394,7 +419,8 @@ class LoadGen(object):
         next_send = start
         seq = 0
         first_seq = last_seq = None  # the sequence numbers sent in the measured window
-        in_window = received_window = 0
+        in_window = received_window = duplicates = 0
+        seen = bytearray(1 << 12)  # seen[s]: echo s has arrived (grown as seq grows)
         arrivals = []
         rtts = []
         last_rx = None
@@ -414,6 +440,10 @@ class LoadGen(object):
                 p, s, sent_ns = unpack_from(rbuf)
                 if p != phase or n != size:
                     continue
+                if seen[s]:
+                    duplicates += 1
+                    continue
+                seen[s] = 1
                 now = now_ns / 1e9
                 if keep_arrivals:
                     arrivals.append(now)
@@ -433,6 +463,8 @@ class LoadGen(object):
                 if now - next_send > 0.05:
                     next_send = now  # a long stall: do not burst more than 50 ms worth
                 seq += 1
+                if seq == len(seen):
+                    seen.extend(bytes(len(seen)))
                 pack_into(buf, 0, phase, seq, clock_ns())
                 try:
                     sock.sendto(buf, target)
@@ -462,11 +494,17 @@ class LoadGen(object):
                 continue
             now_ns = clock_ns()
             p, s, sent_ns = unpack_from(rbuf)
-            if p == phase and n == size and first_seq is not None and first_seq <= s <= last_seq:
+            if p != phase or n != size:
+                continue
+            if seen[s]:
+                duplicates += 1
+                continue
+            seen[s] = 1
+            if first_seq is not None and first_seq <= s <= last_seq:
                 rtts.append(now_ns - sent_ns)
                 received_window += 1
         seconds = t1 - t0 if t0 is not None else 0.0
-        result = {"sent": in_window, "received": received_window,
+        result = {"sent": in_window, "sent_total": seq, "received": received_window, "duplicates": duplicates,
                   "lost": max(0, in_window - received_window),
                   "loss": (1.0 - received_window / float(in_window)) if in_window else None,
                   "seconds": seconds, "pps": delivered_pps, "mbps": delivered_pps * size * 8 / 1e6,
@@ -716,21 +754,33 @@ class Bench(object):
         child.ready = child.recv(15)
         return child
 
-    def server(self, port, upstream_port, name="server"):
-        path = write_config(self.dir, "%s.json" % name, {"mode": "server", "server": {
-            "listen_addr": "%s:%d" % (HOST, port), "upstream_addr": "%s:%d" % (HOST, upstream_port),
-            "server_private_key": self.keys["server_private"],
-            "client_public_keys": [self.keys["client_public"]]}})
+    def server(self, port, upstream_port, name="server", status_file=None):
+        cfg = {"listen_addr": "%s:%d" % (HOST, port), "upstream_addr": "%s:%d" % (HOST, upstream_port),
+               "server_private_key": self.keys["server_private"],
+               "client_public_keys": [self.keys["client_public"]]}
+        if status_file:
+            cfg["status_file"] = status_file
+        path = write_config(self.dir, "%s.json" % name, {"mode": "server", "server": cfg})
         return Child(self.kids, name, [self.python, MPUDP, "-config=%s" % path], self.dir, talk=False)
 
-    def client(self, port, link_ports, name="client"):
+    def client(self, port, link_ports, name="client", extra=None):
         cfg = {"listen_addr": "%s:%d" % (HOST, port),
                "links": [{"remote_addr": "%s:%d" % (HOST, p)} for p in link_ports],
                "client_private_key": self.keys["client_private"],
                "server_public_key": self.keys["server_public"]}
         cfg.update(RELAY_CONFIG)
+        cfg.update(extra or {})
         path = write_config(self.dir, "%s.json" % name, {"mode": "client", "client": cfg})
         return Child(self.kids, name, [self.python, MPUDP, "-config=%s" % path], self.dir, talk=False)
+
+    def relay(self, suffix, client_extra):
+        """A server and a client with two direct links, each writing its status to a file."""
+        server_port, client_port = free_udp_port(), free_udp_port()
+        status = {who: os.path.join(self.dir, "%s%s.status.json" % (who, suffix)) for who in ("client", "server")}
+        server = self.server(server_port, self.echo_addr[1], "server" + suffix, status_file=status["server"])
+        client = self.client(client_port, [server_port, server_port], "client" + suffix,
+                             dict(client_extra, score_file=status["client"]))
+        return {"server": server, "client": client, "addr": [HOST, client_port], "status": status}
 
     def next_phase(self):
         self.phase += 1
@@ -763,41 +813,56 @@ class Bench(object):
         return result
 
     def steady_state(self):
-        """Throughput, latency, CPU and RSS: relay with two direct links, and the direct path."""
-        server_port, client_port = free_udp_port(), free_udp_port()
-        server = self.server(server_port, self.echo_addr[1])
-        client = self.client(client_port, [server_port, server_port])
-        relay_addr = [HOST, client_port]
-        self.wait_forwarding(relay_addr, "the relay")
+        """Throughput, latency, CPU and RSS: relay with two direct links, and the direct path;
+        at REDUNDANT_SIZE also a second relay whose client has "redundancy": REDUNDANCY."""
+        relays = {"relay": self.relay("", {}), "redundant": self.relay("-r2", {"redundancy": REDUNDANCY})}
+        self.wait_forwarding(relays["relay"]["addr"], "the relay")
+        self.wait_forwarding(relays["redundant"]["addr"], "the relay with redundancy %d" % REDUNDANCY)
         time.sleep(self.p["idle_s"])
+        client, server = relays["relay"]["client"], relays["relay"]["server"]
         idle = {name: proc_status_kb(k.pid, "VmRSS") for name, k in (("client", client), ("server", server))}
-        pids = {"client": client.pid, "server": server.pid, "echo": self.echo.pid}
+        targets = dict({path: rel["addr"] for path, rel in relays.items()}, direct=self.echo_addr)
+        pids = {path: {"client": rel["client"].pid, "server": rel["server"].pid, "echo": self.echo.pid}
+                for path, rel in relays.items()}
+        pids["direct"] = pids["relay"]
         runs = {}  # (kind, size, path) -> list of results
         for rep in range(self.p["reps"]):
-            paths = ("direct", "relay") if rep % 2 == 0 else ("relay", "direct")
+            order = ("direct", "relay", "redundant") if rep % 2 == 0 else ("redundant", "relay", "direct")
             for kind in ("sat", "rate"):
                 for size in SIZES:
-                    for path in paths:
-                        target = self.echo_addr if path == "direct" else relay_addr
-                        r = self.measure(kind, size, target, pids)
+                    for path in order:
+                        if path == "redundant" and size != REDUNDANT_SIZE:
+                            continue
+                        seconds = self.p[("redundant_%s_s" if path == "redundant" else "%s_s") % kind]
+                        r = self.measure(kind, size, targets[path], pids[path], seconds)
                         runs.setdefault((kind, size, path), []).append(r)
-                        progress("rep %d %-4s %4d B %-6s %8.0f pps  p50 %.3f ms  loss %s" % (
+                        progress("rep %d %-4s %4d B %-9s %8.0f pps  p50 %.3f ms  loss %s" % (
                             rep + 1, kind, size, path, r["pps"], r["latency"].get("p50_ms") or 0,
                             r.get("loss") if kind == "rate" else r["lost"]))
         hwm = {name: proc_status_kb(k.pid, "VmHWM") for name, k in (("client", client), ("server", server))}
+        counters = self.relay_counters(relays, since=time.time())
         codes = {"client": client.stop(), "server": server.stop()}
-        return summarize_steady(runs, idle, hwm, codes)
+        codes_r2 = {"client": relays["redundant"]["client"].stop(), "server": relays["redundant"]["server"].stop()}
+        out = summarize_steady(runs, idle, hwm, codes)
+        out["redundancy"] = summarize_redundancy(runs, counters, codes_r2)
+        return out
 
-    def measure(self, kind, size, target, pids):
+    def relay_counters(self, relays, since):
+        """{path: {"client": counters, "server": counters}} from the status files written after
+        `since` (wall clock; a server writes its file every 5 s); None for a file that was not."""
+        deadline = time.monotonic() + STATUS_WAIT_S
+        progress("waiting for the relays' status files")
+        return {path: {who: read_status_counters(file_path, since, deadline)
+                       for who, file_path in rel["status"].items()} for path, rel in relays.items()}
+
+    def measure(self, kind, size, target, pids, seconds):
         cmd = {"target": target, "size": size, "phase": self.next_phase(), "warmup": self.p["warmup"],
-               "pids": pids}
+               "pids": pids, "duration": seconds}
         if kind == "sat":
-            cmd.update(cmd="saturate", window=self.p["window"], duration=self.p["sat_s"])
-            timeout = self.p["sat_s"]
+            cmd.update(cmd="saturate", window=self.p["window"])
         else:
-            cmd.update(cmd="rate", rate=RATE, duration=self.p["rate_s"])
-            timeout = self.p["rate_s"]
-        return self.loadgen.ask(cmd, timeout + 20)
+            cmd.update(cmd="rate", rate=RATE)
+        return self.loadgen.ask(cmd, seconds + 20)
 
     def startup(self):
         """Fresh server + client spawned at once; spawn -> first echo through them."""
@@ -888,6 +953,22 @@ class Bench(object):
         return ({"gap_s": spread([f["gap_s"] for f in failovers]), "runs": failovers, "exit": codes},
                 {"resume_s": spread([r["resume_s"] for r in restarts]),
                  "outage_s": spread([r["outage_s"] for r in restarts]), "runs": restarts})
+
+
+def read_status_counters(path, since, deadline):
+    """The "counters" of a score_file / status_file once its "time" is `since` or later;
+    polls until time.monotonic() reaches `deadline`, then None."""
+    while True:
+        try:
+            with open(path) as f:
+                status = json.load(f)
+            if status.get("time", 0) >= since:
+                return status.get("counters", {})
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
 
 
 def longest_gap(arrivals, stop, after):
@@ -1008,6 +1089,69 @@ def background_cores(r):
     return b["other_s"] / r["seconds"] if b and r["seconds"] else None
 
 
+def relay_us_per_pkt(r, who=("client", "server")):
+    """CPU us of `who` (the relay: client + server) per echoed packet of one measurement."""
+    if not r["received"] or any(w not in r["cpu"] for w in who):
+        return None
+    return sum(r["cpu"][w]["s"] for w in who) / r["received"] * 1e6
+
+
+def ratio(a, b):
+    return a / b if a is not None and b is not None and b > 0 else None
+
+
+def added_p50(r, direct):
+    a, d = r["latency"].get("p50_ms"), direct["latency"].get("p50_ms")
+    return a - d if a is not None and d is not None else None
+
+
+def summarize_redundancy(runs, counters, codes):
+    """Redundancy 1 ("r1": the relay of summarize_steady) against REDUNDANCY ("r2") at
+    REDUNDANT_SIZE, ratios r2/r1 per repetition; echoes delivered twice; the relays' counters."""
+    out = {"redundancy": REDUNDANCY, "size": REDUNDANT_SIZE, "exit": codes}
+    labels = {"r1": "relay", "r2": "redundant"}
+    for kind in ("sat", "rate"):
+        direct = runs[(kind, REDUNDANT_SIZE, "direct")]
+        entry = {}
+        for name, path in labels.items():
+            rs = runs[(kind, REDUNDANT_SIZE, path)]
+            e = {"pps": spread([r["pps"] for r in rs]), "mbps": spread([r["mbps"] for r in rs]),
+                 "relay_us_per_pkt": spread([relay_us_per_pkt(r) for r in rs]),
+                 "client_us_per_pkt": spread([relay_us_per_pkt(r, ("client",)) for r in rs]),
+                 "server_us_per_pkt": spread([relay_us_per_pkt(r, ("server",)) for r in rs]),
+                 "received": [r["received"] for r in rs], "lost": [r["lost"] for r in rs],
+                 "duplicates": [r.get("duplicates") for r in rs], "seconds": [r["seconds"] for r in rs],
+                 "background_cores": spread([background_cores(r) for r in rs])}
+            if kind == "rate":
+                e["loss"] = spread([r["loss"] for r in rs])
+                e["p50_ms"] = spread([r["latency"].get("p50_ms") for r in rs])
+                e["p99_ms"] = spread([r["latency"].get("p99_ms") for r in rs])
+                e["added_p50_ms"] = spread([added_p50(r, d) for r, d in zip(rs, direct)])
+            entry[name] = e
+        pairs = list(zip(runs[(kind, REDUNDANT_SIZE, "relay")], runs[(kind, REDUNDANT_SIZE, "redundant")], direct))
+        entry["ratio"] = {"pps": spread([ratio(r2["pps"], r1["pps"]) for r1, r2, _ in pairs]),
+                          "relay_us_per_pkt": spread([ratio(relay_us_per_pkt(r2), relay_us_per_pkt(r1))
+                                                      for r1, r2, _ in pairs])}
+        if kind == "rate":
+            entry["ratio"]["added_p50_ms"] = spread([ratio(added_p50(r2, d), added_p50(r1, d))
+                                                     for r1, r2, d in pairs])
+        out["saturation" if kind == "sat" else "rate_%d" % RATE] = entry
+    # Every echo the generator got twice, on every path and size: must be 0.
+    out["duplicates_delivered"] = {path: sum(r.get("duplicates") or 0 for key, rs in runs.items()
+                                             if key[2] == path for r in rs)
+                                   for path in ("direct", "relay", "redundant")}
+    out["counters"] = {}
+    for name, path in labels.items():
+        sent = sum(r.get("sent_total", r["sent"]) for key, rs in runs.items() if key[2] == path for r in rs)
+        c = dict(counters.get(path, {}), datagrams_sent=sent)
+        server = c.get("server")
+        # Copies the server dropped per datagram sent: 0 with redundancy 1, about 1 with 2.
+        c["server_duplicate_per_datagram"] = (server.get("duplicate", 0) / float(sent)
+                                              if server is not None and sent else None)
+        out["counters"][name] = c
+    return out
+
+
 def flat_figures(result):
     """The figures the targets are judged on, by name."""
     f = {}
@@ -1022,6 +1166,8 @@ def flat_figures(result):
         f["rss_idle_%s_mb" % who] = kb / 1024.0 if kb is not None else None
     f["startup_ms"] = result["startup"]["ms"]["median"]
     f["failover_gap_s"] = result["failover"]["gap_s"]["median"]
+    red = result.get("redundancy")
+    f["r2_duplicates"] = red["duplicates_delivered"]["redundant"] if red else None
     return f
 
 
@@ -1166,6 +1312,9 @@ def render(result):
              "-/-/" + "/".join("%.0f%%" % (100 * share[k]) if share.get(k) is not None else "-"
                                for k in ("echo", "loadgen")))
     add("")
+    if result.get("redundancy"):
+        render_redundancy(result["redundancy"], result["params"], row, add)
+        add("")
     add("MEMORY (VmRSS, MB)      idle      under load   peak (VmHWM)")
     for who in ("client", "server"):
         r = result["rss_kb"][who]
@@ -1187,7 +1336,10 @@ def render(result):
             bg["median"], bg["max"]))
         for key, what in (("saturation", "saturation throughput is understated"),
                           ("rate_%d" % RATE, "the %d pps latencies may be inflated" % RATE)):
-            busy = [v for e in result["throughput"][key].values() for path in ("direct", "relay")
+            entries = [(e, ("direct", "relay")) for e in result["throughput"][key].values()]
+            if result.get("redundancy"):
+                entries.append((result["redundancy"][key], ("r2",)))
+            busy = [v for e, paths in entries for path in paths
                     for v in e[path].get("background_cores", {}).get("runs", []) if v is not None and v > 0.25]
             if busy:
                 add("  ** %d %s window(s) had more than 0.25 cores of other load: %s **" % (len(busy), key, what))
@@ -1195,12 +1347,45 @@ def render(result):
     add("TARGETS                                        value      target     Go original")
     for t in result["targets"]:
         digits = 3 if t["key"].startswith(("added", "failover", "ratio")) else 1
+        limit_digits = 2 if t["limit"] < 1 else 1
+        if isinstance(t["limit"], int):  # a count
+            digits = limit_digits = 0
         add("  [%s] %-40s %-10s %-2s %-7s %s" % (
             "PASS" if t["pass"] else "FAIL", t["label"], fmt(t["value"], digits), t["op"],
-            fmt(t["limit"], 2 if t["limit"] < 1 else 1, thousands=False), "-" if t["go"] is None else t["go"]))
+            fmt(t["limit"], limit_digits, thousands=False), "-" if t["go"] is None else t["go"]))
     passed = sum(1 for t in result["targets"] if t["pass"])
     add("  %d of %d targets met" % (passed, len(result["targets"])))
     return "\n".join(lines)
+
+
+def render_redundancy(red, params, row, add):
+    """The redundancy 2 against 1 rows (`row`, `add`: render's column and line writers)."""
+    row("REDUNDANCY, %d B" % red["size"], "redundancy 1 (= relay)",
+        "redundancy %d" % red["redundancy"], "r%d/r1" % red["redundancy"])
+    sat, rate = red["saturation"], red["rate_%d" % RATE]
+    row("saturation pkt/s", cell(sat["r1"]["pps"]), cell(sat["r2"]["pps"]), cell(sat["ratio"]["pps"], 2))
+    row("saturation Mbit/s", cell(sat["r1"]["mbps"], 1), cell(sat["r2"]["mbps"], 1), "")
+    row("saturation CPU us/pkt", cell(sat["r1"]["relay_us_per_pkt"], 1), cell(sat["r2"]["relay_us_per_pkt"], 1),
+        cell(sat["ratio"]["relay_us_per_pkt"], 2))
+    row("%d pps CPU us/pkt" % RATE, cell(rate["r1"]["relay_us_per_pkt"], 1),
+        cell(rate["r2"]["relay_us_per_pkt"], 1), cell(rate["ratio"]["relay_us_per_pkt"], 2))
+    for label, key in (("  client", "client_us_per_pkt"), ("  server", "server_us_per_pkt")):
+        row(label, cell(rate["r1"][key], 1), cell(rate["r2"][key], 1), "")
+    added = lambda s: "-" if s["median"] is None else "+" + cell(s, 3)
+    row("%d pps added RTT p50 ms" % RATE, added(rate["r1"]["added_p50_ms"]), added(rate["r2"]["added_p50_ms"]),
+        cell(rate["ratio"]["added_p50_ms"], 2))
+    row("%d pps loss %%" % RATE, cell(pct(rate["r1"]["loss"]), 2), cell(pct(rate["r2"]["loss"]), 2), "")
+    dup = red["duplicates_delivered"]
+    row("echoes delivered twice", dup["relay"], dup["redundant"], "(direct %d)" % dup["direct"])
+    copies = []
+    for name in ("r1", "r2"):
+        c = red["counters"][name]
+        copies.append("%s / %s" % tuple("-" if c.get(who) is None else fmt(c[who].get("duplicate", 0))
+                                        for who in ("server", "client")))
+    row('"duplicate" server/client', copies[0], copies[1], "")
+    per = red["counters"]["r2"].get("server_duplicate_per_datagram")
+    add("  (r%d: windows of %.1f s at saturation and %.1f s at %d pps; its server dropped %s copies per datagram)" % (
+        red["redundancy"], params.get("redundant_sat_s", 0), params.get("redundant_rate_s", 0), RATE, fmt(per, 2)))
 
 
 def pct(s):

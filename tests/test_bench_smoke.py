@@ -59,7 +59,18 @@ def test_bench_quick_json():
     assert "gap_s" in result["failover"] and "runs" in result["failover"]
     assert "resume_s" in result["restart"] and "outage_s" in result["restart"]
 
+    red = result["redundancy"]  # redundancy 2 against 1, at 1200 B
+    for phase in ("saturation", "rate_1000"):
+        for name in ("r1", "r2"):
+            assert red[phase][name]["pps"]["median"] > 0, (phase, name)
+            assert red[phase][name]["relay_us_per_pkt"]["median"] > 0, (phase, name)
+        assert red[phase]["ratio"]["relay_us_per_pkt"]["median"] > 0, phase
+    assert red["saturation"]["ratio"]["pps"]["median"] > 0
+    assert red["rate_1000"]["r2"]["added_p50_ms"]["median"] is not None
+    assert red["duplicates_delivered"]["redundant"] == 0
+    assert "server_duplicate_per_datagram" in red["counters"]["r2"]
+
     keys = {t["key"] for t in result["targets"]}
     assert {"ratio_sat_1200", "cpu_sat_1200", "cpu_rate_1200", "added_p50_64", "rss_idle_client_mb",
-            "rss_idle_server_mb", "startup_ms", "failover_gap_s"} <= keys
+            "rss_idle_server_mb", "startup_ms", "failover_gap_s", "r2_duplicates"} <= keys
     assert all(isinstance(t["pass"], bool) for t in result["targets"])
