@@ -1,11 +1,15 @@
-"""Shared test fixtures: fake clock, keys, echo upstream, mpudp processes, relay pairs.
+"""Shared test fixtures: fake clock, keys, echo upstream, mpudp processes, relay pairs,
+throw-away network namespaces.
 
-Everything here uses loopback only and waits on events (a log line, a datagram,
-a counter) with generous bounds, never on fixed sleeps.
+Everything here uses loopback (or a namespace the test made) and waits on events
+(a log line, a datagram, a counter) with generous bounds, never on fixed sleeps.
 """
 
+import ctypes
 import json
 import os
+import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -311,3 +315,91 @@ def relay_pair(tmp_path):
     yield make
     for pair in made:
         pair.close()
+
+
+# -- network namespaces ------------------------------------------------------
+
+
+class NetNs:
+    """A throw-away network namespace with its loopback up (root only; skips otherwise).
+
+    `ip(...)` and `run(...)` run commands inside it, `inside(function)` runs Python
+    inside it, `close()` deletes it (and the interfaces in it).  Nothing is changed in
+    the host's own namespace: veth pairs are made from inside, with the peer end put
+    straight into the other namespace."""
+
+    CLONE_NEWNET = 0x40000000
+
+    def __init__(self, tag="test"):
+        if not sys.platform.startswith("linux") or os.geteuid() != 0 or shutil.which("ip") is None:
+            pytest.skip("needs Linux, root and iproute2 to make a network namespace")
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        if not hasattr(self.libc, "setns"):
+            pytest.skip("libc has no setns")
+        self.name = "mpudp-%s-%d-%d" % (tag, os.getpid(), random.randrange(1 << 30))
+        made = subprocess.run(["ip", "netns", "add", self.name], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, universal_newlines=True)
+        if made.returncode != 0:
+            pytest.skip("cannot make a network namespace: %s" % made.stdout.strip())
+        self.ip("link", "set", "lo", "up")
+
+    def run(self, *command):
+        """`command` run inside the namespace (with its own /sys); its stdout.  Fails the test
+        with the command's stderr if it fails."""
+        done = subprocess.run(["ip", "netns", "exec", self.name] + list(command), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True)
+        if done.returncode != 0:
+            raise AssertionError("in netns %s: %s: exit %d: %s" % (
+                self.name, " ".join(command), done.returncode, done.stderr.strip()))
+        return done.stdout
+
+    def ip(self, *args):
+        return self.run("ip", *args)
+
+    def sysctl(self, key, value):
+        """Set /proc/sys/<key> ("net/ipv4/conf/all/rp_filter") of this namespace."""
+        def write():
+            with open("/proc/sys/" + key, "w") as f:
+                f.write(str(value))
+        self.inside(write)
+
+    def add_veth(self, name, address, peer_ns, peer_name, peer_address):
+        """A veth pair: `name` here with `address`, `peer_name` in `peer_ns` with
+        `peer_address` ("10.0.0.1/24"), both up."""
+        self.ip("link", "add", name, "type", "veth", "peer", "name", peer_name, "netns", peer_ns.name)
+        self.ip("addr", "add", address, "dev", name)
+        peer_ns.ip("addr", "add", peer_address, "dev", peer_name)
+        self.ip("link", "set", name, "up")
+        peer_ns.ip("link", "set", peer_name, "up")
+
+    def counters(self, interface):
+        """{"tx_packets", "tx_bytes", "rx_packets", "rx_bytes"} of an interface in this namespace."""
+        stats = json.loads(self.ip("-s", "-j", "link", "show", "dev", interface))[0]["stats64"]
+        return {"%s_%s" % (way, what): stats[way][what] for way in ("tx", "rx") for what in ("packets", "bytes")}
+
+    def inside(self, function):
+        """function() run on a thread that entered the namespace (sockets and child processes
+        it makes live there); its result."""
+        result = {}
+
+        def work():
+            try:
+                fd = os.open("/var/run/netns/%s" % self.name, os.O_RDONLY)
+                try:
+                    if self.libc.setns(fd, self.CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), "setns")
+                finally:
+                    os.close(fd)
+                result["value"] = function()
+            except BaseException as exc:  # handed to the caller
+                result["error"] = exc
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
+    def close(self):
+        subprocess.run(["ip", "netns", "del", self.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -33,13 +33,11 @@ everything inside a throw-away network namespace.
 """
 
 import collections
-import ctypes
 import io
 import json
 import os
 import random
 import selectors
-import shutil
 import signal
 import socket
 import subprocess
@@ -51,7 +49,7 @@ import tracemalloc
 import pytest
 
 from conftest import (  # noqa: E402  (conftest puts the repo root on sys.path)
-    WAIT_S, EchoServer, FakeClock, MpudpProcess, free_udp_port, keypair, write_config,
+    WAIT_S, EchoServer, FakeClock, MpudpProcess, NetNs, free_udp_port, keypair, write_config,
 )
 
 import mpudp  # noqa: E402
@@ -1199,56 +1197,6 @@ def test_upstream_down_and_back(relay_pair):
     app.close()
 
 
-class NetNs:
-    """A throw-away network namespace with its loopback up (root only)."""
-
-    CLONE_NEWNET = 0x40000000
-
-    def __init__(self):
-        if not sys.platform.startswith("linux") or os.geteuid() != 0 or shutil.which("ip") is None:
-            pytest.skip("needs Linux, root and iproute2 to make a network namespace")
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        if not hasattr(self.libc, "setns"):
-            pytest.skip("libc has no setns")
-        self.name = "mpudp-hostile-%d-%d" % (os.getpid(), random.randrange(1 << 30))
-        made = subprocess.run(["ip", "netns", "add", self.name], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, universal_newlines=True)
-        if made.returncode != 0:
-            pytest.skip("cannot make a network namespace: %s" % made.stdout.strip())
-        self.ip("link", "set", "lo", "up")
-
-    def ip(self, *args):
-        subprocess.run(["ip", "netns", "exec", self.name, "ip"] + list(args), check=True,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def inside(self, function):
-        """function() run on a thread that entered the namespace (sockets and child processes
-        it makes live there); its result."""
-        result = {}
-
-        def work():
-            try:
-                fd = os.open("/var/run/netns/%s" % self.name, os.O_RDONLY)
-                try:
-                    if self.libc.setns(fd, self.CLONE_NEWNET) != 0:
-                        raise OSError(ctypes.get_errno(), "setns")
-                finally:
-                    os.close(fd)
-                result["value"] = function()
-            except BaseException as exc:  # handed to the caller
-                result["error"] = exc
-
-        thread = threading.Thread(target=work)
-        thread.start()
-        thread.join()
-        if "error" in result:
-            raise result["error"]
-        return result["value"]
-
-    def close(self):
-        subprocess.run(["ip", "netns", "del", self.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 def wait_for_last(process, markers, wanted, timeout=WAIT_S):
     """Wait until the last line of `process` containing one of `markers` contains `wanted`."""
     def last_has():
@@ -1267,7 +1215,7 @@ def test_route_vanishes_enetunreach_in_a_netns(tmp_path):
     address, 10.203.0.1/24: link 0 goes to 127.0.0.1, link 1 (preferred by priority) to
     10.203.0.1.  Deleting that address removes the route; the namespace has no default route.
     """
-    ns = NetNs()
+    ns = NetNs("hostile")
     procs, closers = [], []
     try:
         ns.ip("addr", "add", "10.203.0.1/24", "dev", "lo")

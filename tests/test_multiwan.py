@@ -1,0 +1,781 @@
+"""Links on chosen uplinks: bind_interface, bind_addr and fwmark, end to end.
+
+1. bind_interface: a client namespace and a server namespace joined by two veth
+   pairs, vethA (10.211.1.0/24) and vethB (10.211.2.0/24); the server's one
+   address, 10.211.9.9, is reachable by both, by vethA first (route metrics).
+   Each link's heartbeats leave by its own interface and the data stream by the
+   active link's, as the interfaces' own counters show.  The control: without
+   bind_interface everything leaves by vethA.
+2. fwmark: the server is routable only in table 100 (`ip rule add fwmark 0x64
+   table 100`): the marked link carries the traffic, an unmarked link to the
+   same address stays down (ENETUNREACH, counted).
+3. bind_addr: links bound to loopback aliases (127.0.0.2, 127.0.0.3:PORT, ::1)
+   are seen from exactly those sources (no namespace needed).  Between the two
+   namespaces: the bound address picks the source, a `from` rule the uplink; the
+   address removed and back.
+4. No permission for SO_MARK: the start stops with one clear line, exit status 1.
+5. An interface deleted under the active link (the link goes down at once, traffic
+   moves to the other link) and made again (the link comes back on a new socket);
+   one deleted and made again between two checks (a new index: in process, stepped
+   by hand); an interface or address that is not there when the client starts.
+6. Config errors of the new keys: one line naming the key path, exit status 2.
+
+The namespace tests need root and iproute2 and skip otherwise.  Everything they
+make lives in the namespaces they made (deleted at the end of each test); nothing
+changes in the host's own namespace.  Figures (failover time) are printed; `pytest -s`
+shows them.
+"""
+
+import errno
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import (  # noqa: E402  (conftest puts the repo root on sys.path)
+    MPUDP, ROOT, WAIT_S, EchoServer, FakeClock, MpudpProcess, NetNs, free_udp_port, keypair, needs_ipv6, write_config,
+)
+
+import mpudp  # noqa: E402
+
+SERVER_IP = "10.211.9.9"  # on the server namespace's lo, reachable by both veth pairs
+# client-side interface: (its address, the server-side peer, the peer's address, gateway, route metric)
+WANS = {
+    "vethA": ("10.211.1.1/24", "peerA", "10.211.1.2/24", "10.211.1.2", 10),
+    "vethB": ("10.211.2.1/24", "peerB", "10.211.2.2/24", "10.211.2.2", 20),
+}
+SOURCE = {"vethA": "10.211.1.1", "vethB": "10.211.2.1"}
+RETURN_PATH = ("return path link", "replies now go by link")  # the server's lines naming where replies go
+HEARTBEAT_S = 0.1
+POLL_S = 0.02
+STREAM_PACKETS, STREAM_SIZE = 200, 1000  # a data stream the interface counters cannot miss
+
+
+def report(text):
+    sys.stdout.write("\n[multiwan] %s\n" % text)
+
+
+def wait_until(predicate, what, timeout=WAIT_S):
+    """Poll `predicate` every POLL_S (for state with no event to wait on); its last true value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("not within %ss: %s" % (timeout, what))
+        time.sleep(POLL_S)
+
+
+def wait_for_last(process, markers, wanted, start=0, timeout=WAIT_S):
+    """Wait until, from line `start` on, the last line of `process` containing one of `markers`
+    contains `wanted`; fails the test if it does not."""
+    def last_has():
+        lines = [line for line in process.lines[start:] if any(m in line for m in markers)]
+        return bool(lines) and wanted in lines[-1]
+
+    with process.cond:
+        if process.cond.wait_for(last_has, timeout):
+            return
+    raise AssertionError("the last %s line is not about %r within %ss; output:\n%s" % (
+        markers, wanted, timeout, "\n".join(process.lines[-40:])))
+
+
+def read_score_file(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None  # not written yet, or caught between write and rename on an odd filesystem
+
+
+def wait_for_status(path, predicate, what):
+    """The client's score_file once `predicate(status)` holds (it is written at most once a second)."""
+    def check():
+        status = read_score_file(path)
+        return status if status is not None and predicate(status) else None
+    return wait_until(check, what)
+
+
+class App:
+    """A local application: sends payloads through the client and waits for their echoes."""
+
+    def __init__(self, target, host="127.0.0.1"):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.target = target
+        self.n = 0
+
+    def _wait_for(self, payload, seconds):
+        until = time.monotonic() + seconds
+        while True:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.sock.settimeout(remaining)
+            try:
+                data, _ = self.sock.recvfrom(65536)
+            except socket.timeout:
+                return False
+            if data == payload:
+                return True
+
+    def probe(self, prefix, interval=0.05, timeout=WAIT_S):
+        """Send a fresh payload every `interval` until one is echoed; the seconds it took."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            payload = ("%s:%d" % (prefix, self.n)).encode()
+            self.n += 1
+            self.sock.sendto(payload, self.target)
+            if self._wait_for(payload, interval):
+                return time.monotonic() - start
+        raise AssertionError("no echo for %r within %ss" % (prefix, timeout))
+
+    def stream(self, prefix, count=STREAM_PACKETS, size=STREAM_SIZE, timeout=WAIT_S):
+        """`count` datagrams of `size` bytes, one at a time, each (re)sent until it is echoed:
+        every one of them crossed the link at least once."""
+        deadline = time.monotonic() + timeout
+        for i in range(count):
+            payload = ("%s:%06d:" % (prefix, i)).encode().ljust(size, b".")
+            while True:
+                assert time.monotonic() < deadline, "stream %r: %d of %d echoed in %ss" % (prefix, i, count, timeout)
+                self.sock.sendto(payload, self.target)
+                if self._wait_for(payload, 0.25):
+                    break
+
+    def close(self):
+        self.sock.close()
+
+
+# -- two uplinks between two namespaces -------------------------------------------
+
+
+class TwoWans:
+    """A client namespace and a server namespace, joined by veth pairs from WANS.
+
+    The server (and its echo upstream) run in the server namespace, listening on
+    SERVER_IP; the client and the application in the client namespace."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.procs, self.closers = [], []
+        self.server_ns = None
+        self.client_ns = NetNs("mw-client")
+        try:
+            self.server_ns = NetNs("mw-server")
+            for ns in (self.client_ns, self.server_ns):
+                # Replies come back on the link's own interface, not always the best
+                # route's: no reverse-path filter.  No IPv6 chatter in the counters.
+                for key in ("net/ipv4/conf/all/rp_filter", "net/ipv4/conf/default/rp_filter"):
+                    ns.sysctl(key, 0)
+                for key in ("net/ipv6/conf/all/disable_ipv6", "net/ipv6/conf/default/disable_ipv6"):
+                    if os.path.exists("/proc/sys/" + key):  # not there if IPv6 is off altogether
+                        ns.sysctl(key, 1)
+            self.server_ns.ip("addr", "add", SERVER_IP + "/32", "dev", "lo")
+        except BaseException:
+            self.close()
+            raise
+        self.score_file = os.path.join(str(tmp_path), "score.json")
+        self.server = self.client = self.app = None
+        self.port = 0
+
+    def add_wan(self, name, route=True):
+        """The veth pair `name` (both ends up, addressed), with a main-table route to the server."""
+        address, peer, peer_address, gateway, metric = WANS[name]
+        self.client_ns.add_veth(name, address, self.server_ns, peer, peer_address)
+        if route:
+            self.client_ns.ip("route", "add", SERVER_IP + "/32", "via", gateway, "dev", name, "metric", str(metric))
+
+    def start(self, links, **client_options):
+        """Echo and server in the server namespace, client and App in the client namespace;
+        `links` are client.links entries without remote_addr (all go to the server)."""
+        server_keys, client_keys = keypair(), keypair()
+
+        def in_server_ns():
+            echo = EchoServer("127.0.0.1")
+            self.closers.append(echo.close)
+            port = free_udp_port(SERVER_IP)
+            path = write_config(self.tmp_path, {"mode": "server", "server": {
+                "listen_addr": "%s:%d" % (SERVER_IP, port), "upstream_addr": echo.text,
+                "server_private_key": server_keys[0], "client_public_keys": [client_keys[1]]}}, "server.json")
+            server = MpudpProcess(path)
+            self.procs.append(server)
+            return port, server
+
+        self.port, self.server = self.server_ns.inside(in_server_ns)
+        self.server.wait_for_line("server listening on")
+        client_cfg = {
+            "links": [dict({"remote_addr": "%s:%d" % (SERVER_IP, self.port)}, **link) for link in links],
+            "heartbeat_interval_sec": HEARTBEAT_S, "score_file": self.score_file,
+            "client_private_key": client_keys[0], "server_public_key": server_keys[1],
+        }
+        client_cfg.update(client_options)
+
+        def in_client_ns():
+            port = free_udp_port()
+            client_cfg["listen_addr"] = "127.0.0.1:%d" % port
+            client = MpudpProcess(write_config(self.tmp_path, {"mode": "client", "client": client_cfg},
+                                               "client.json"))
+            self.procs.append(client)
+            app = App(("127.0.0.1", port))
+            self.closers.append(app.close)
+            return client, app
+
+        self.client, self.app = self.client_ns.inside(in_client_ns)
+
+    def link(self, index):
+        """How the client's log names link `index`."""
+        return "link %d (%s:%d)" % (index, SERVER_IP, self.port)
+
+    def counters(self, *interfaces):
+        return {name: self.client_ns.counters(name) for name in interfaces}
+
+    def close(self):
+        for process in self.procs:
+            process.stop()
+        for close in self.closers:
+            close()
+        for ns in (self.server_ns, self.client_ns):
+            if ns is not None:
+                ns.close()
+
+
+@pytest.fixture
+def two_wans(tmp_path):
+    """A factory for TwoWans; processes stopped and namespaces deleted at the end of the test."""
+    made = []
+
+    def make():
+        wans = TwoWans(tmp_path)
+        made.append(wans)
+        return wans
+
+    yield make
+    for wans in made:
+        wans.close()
+
+
+def growth(before, after, key):
+    return {name: after[name][key] - before[name][key] for name in after}
+
+
+def assert_stream_leaves_by(wans, prefix, interface, other=None):
+    """A STREAM_PACKETS x STREAM_SIZE data stream: all of it leaves by `interface`, next to
+    nothing (heartbeats) by `other`."""
+    names = (interface,) + ((other,) if other else ())
+    before = wans.counters(*names)
+    wans.app.stream(prefix)
+    grew = growth(before, wans.counters(*names), "tx_bytes")
+    assert grew[interface] >= STREAM_PACKETS * STREAM_SIZE, grew
+    if other:
+        assert grew[other] < STREAM_PACKETS * STREAM_SIZE // 10, grew
+    return grew
+
+
+# -- 1. bind_interface ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bound", [True, False], ids=["bind_interface", "control-unbound"])
+def test_each_link_leaves_by_its_own_interface(two_wans, bound):
+    """Link 0 bound to vethA, link 1 (preferred) to vethB: heartbeats leave by both interfaces,
+    the data stream by vethB, and the server sees link 1 from vethB's address.  Unbound
+    (the control), both links follow the best route: everything leaves by vethA."""
+    wans = two_wans()
+    wans.add_wan("vethA")
+    wans.add_wan("vethB")
+    links = [{"priority": 100}, {}]
+    if bound:
+        links[0]["bind_interface"], links[1]["bind_interface"] = "vethA", "vethB"
+    wans.start(links)
+    wans.client.wait_for_line("handshake done")
+    wans.client.wait_for_line(wans.link(1) + " up")
+    wans.app.probe("first")
+    link1_leaves_by = "vethB" if bound else "vethA"
+    wait_for_last(wans.server, RETURN_PATH, "link 1 (%s:" % SOURCE[link1_leaves_by])
+
+    # Heartbeats alone (the application is quiet): 10 a second on each link.
+    before = wans.counters("vethA", "vethB")
+    if bound:
+        wait_until(lambda: min(growth(before, wans.counters("vethA", "vethB"), "tx_packets").values()) >= 10,
+                   "both interfaces send heartbeats")
+    else:
+        wait_until(lambda: growth(before, wans.counters("vethA"), "tx_packets")["vethA"] >= 20,
+                   "vethA sends both links' heartbeats")
+        grew = growth(before, wans.counters("vethA", "vethB"), "tx_packets")
+        assert grew["vethB"] <= 2, grew  # nothing routes there (an ARP probe at most)
+
+    other = "vethA" if bound else "vethB"
+    grew = assert_stream_leaves_by(wans, "stream", link1_leaves_by, other)
+    report("%s: a %d x %d B stream sent %d B on %s, %d B on %s" % (
+        "bound" if bound else "unbound", STREAM_PACKETS, STREAM_SIZE, grew[link1_leaves_by], link1_leaves_by,
+        grew[other], other))
+    assert [p.stop() for p in wans.procs] == [0, 0]
+
+
+# -- 2. fwmark -----------------------------------------------------------------------
+
+
+def test_fwmark_link_is_policy_routed(two_wans):
+    """The server is routable only in table 100, for packets marked 0x64: the link with
+    fwmark "0x64" comes up and carries the data by vethB; the unmarked link to the same
+    address gets ENETUNREACH (counted) and stays down."""
+    wans = two_wans()
+    wans.add_wan("vethA", route=False)
+    wans.add_wan("vethB", route=False)
+    wans.client_ns.ip("rule", "add", "fwmark", "0x64", "table", "100")
+    wans.client_ns.ip("route", "add", SERVER_IP + "/32", "via", WANS["vethB"][3], "dev", "vethB", "table", "100")
+    wans.start([{}, {"fwmark": "0x64"}])
+    wans.client.wait_for_line("handshake done")
+    wans.client.wait_for_line(wans.link(1) + " up")
+    wans.client.wait_for_line("%s: [Errno %d]" % (wans.link(0), errno.ENETUNREACH))
+    wans.app.probe("marked")
+    wait_for_last(wans.server, RETURN_PATH, "link 1 (%s:" % SOURCE["vethB"])
+    assert_stream_leaves_by(wans, "marked", "vethB", "vethA")
+
+    status = wait_for_status(wans.score_file, lambda s: s["links"][1]["state"] == "up"
+                             and s["counters"].get("link_errors", 0) >= 3, "score_file: link 1 up, link errors")
+    assert status["links"][0]["state"] == "down", status["links"][0]
+    assert status["links"][1]["via"] == "mark 0x64"
+    assert "via" not in status["links"][0]
+    assert wans.client.count_lines(wans.link(0) + " up") == 0, wans.client.output()
+    assert [p.stop() for p in wans.procs] == [0, 0]
+
+
+# -- 3. bind_addr --------------------------------------------------------------------
+
+
+def loopback_alias_or_skip(host):
+    try:
+        return free_udp_port(host)
+    except OSError as exc:
+        pytest.skip("cannot bind %s here (Linux routes all of 127/8 to lo): %s" % (host, exc))
+
+
+def sources_by_link(sink):
+    """{link index: {source address}} of the mpudp packets the sink received."""
+    found = {}
+    for data, source in list(sink.received):
+        if len(data) >= mpudp.HEADER_SIZE:
+            found.setdefault(mpudp.HEADER.unpack_from(data)[1], set()).add(source[:2])
+    return found
+
+
+def test_bind_addr_packets_come_from_the_bound_address(tmp_path):
+    """Links bound to 127.0.0.2 (any port), 127.0.0.3:PORT and, with a host-name remote,
+    127.0.0.4: a sink in the server's place sees each link's packets from exactly there."""
+    fixed_port = loopback_alias_or_skip("127.0.0.3")
+    loopback_alias_or_skip("127.0.0.4")
+    sink = EchoServer("127.0.0.1")
+    sink.echo = False
+    server_keys, client_keys = keypair(), keypair()
+    path = write_config(tmp_path, {"mode": "client", "client": {
+        "listen_addr": "127.0.0.1:%d" % free_udp_port(),
+        "links": [{"remote_addr": sink.text, "bind_addr": "127.0.0.2"},
+                  {"remote_addr": sink.text, "bind_addr": "127.0.0.3:%d" % fixed_port},
+                  {"remote_addr": "localhost:%d" % sink.address[1], "bind_addr": "127.0.0.4"}],
+        "heartbeat_interval_sec": HEARTBEAT_S,
+        "client_private_key": client_keys[0], "server_public_key": server_keys[1]}})
+    client = MpudpProcess(path)
+    try:
+        sink.wait_for(lambda _: len(sources_by_link(sink)) == 3)  # HELLOs, retried until answered
+        found = sources_by_link(sink)
+    finally:
+        code = client.stop()
+        sink.close()
+    assert {host for host, _port in found[0]} == {"127.0.0.2"}, found
+    assert found[1] == {("127.0.0.3", fixed_port)}, found
+    assert {host for host, _port in found[2]} == {"127.0.0.4"}, found
+    assert len(found[0]) == len(found[2]) == 1, found  # one socket per link: one source port
+    assert code == 0, client.output()
+
+
+@needs_ipv6
+def test_bind_addr_ipv6_bracketed_and_bare(tmp_path):
+    """"[::1]:PORT" binds address and port, a bare "::1" the address."""
+    fixed_port = free_udp_port("::1")
+    sink = EchoServer("::1")
+    sink.echo = False
+    server_keys, client_keys = keypair(), keypair()
+    path = write_config(tmp_path, {"mode": "client", "client": {
+        "listen_addr": "127.0.0.1:%d" % free_udp_port(),
+        "links": [{"remote_addr": sink.text, "bind_addr": "[::1]:%d" % fixed_port},
+                  {"remote_addr": sink.text, "bind_addr": "::1"}],
+        "heartbeat_interval_sec": HEARTBEAT_S,
+        "client_private_key": client_keys[0], "server_public_key": server_keys[1]}})
+    client = MpudpProcess(path)
+    try:
+        sink.wait_for(lambda _: len(sources_by_link(sink)) == 2)
+        found = sources_by_link(sink)
+    finally:
+        code = client.stop()
+        sink.close()
+    assert found[0] == {("::1", fixed_port)}, found
+    assert len(found[1]) == 1 and next(iter(found[1]))[0] == "::1", found
+    assert code == 0, client.output()
+
+
+def test_bind_addr_round_trip_through_a_server(tmp_path):
+    """End to end: the server's replies find a link bound to 127.0.0.3:PORT, and the server
+    names that exact source as the return path."""
+    fixed_port = loopback_alias_or_skip("127.0.0.3")
+    loopback_alias_or_skip("127.0.0.2")
+    echo = EchoServer("127.0.0.1")
+    server_keys, client_keys = keypair(), keypair()
+    server_port, client_port = free_udp_port(), free_udp_port()
+    server = MpudpProcess(write_config(tmp_path, {"mode": "server", "server": {
+        "listen_addr": "127.0.0.1:%d" % server_port, "upstream_addr": echo.text,
+        "server_private_key": server_keys[0], "client_public_keys": [client_keys[1]]}}, "server.json"))
+    client = None
+    app = App(("127.0.0.1", client_port))
+    try:
+        server.wait_for_line("server listening on")
+        remote = "127.0.0.1:%d" % server_port
+        client = MpudpProcess(write_config(tmp_path, {"mode": "client", "client": {
+            "listen_addr": "127.0.0.1:%d" % client_port,
+            "links": [{"remote_addr": remote, "bind_addr": "127.0.0.2", "priority": 100},
+                      {"remote_addr": remote, "bind_addr": "127.0.0.3:%d" % fixed_port}],
+            "heartbeat_interval_sec": HEARTBEAT_S,
+            "client_private_key": client_keys[0], "server_public_key": server_keys[1]}}, "client.json"))
+        client.wait_for_line("handshake done")
+        client.wait_for_line("link 1 (%s) up" % remote)
+        app.probe("bound")
+        wait_for_last(server, RETURN_PATH, "link 1 (127.0.0.3:%d)" % fixed_port)
+        app.probe("bound-again")
+        assert all("(127.0.0.1:" not in line for line in server.lines if any(m in line for m in RETURN_PATH)), \
+            server.output()
+    finally:
+        codes = [p.stop() for p in (client, server) if p is not None]
+        app.close()
+        echo.close()
+    assert codes == [0, 0]
+
+
+# -- 4. no permission ----------------------------------------------------------------
+
+MARK_PROBE = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+              "s.setsockopt(socket.SOL_SOCKET, %d, 100)" % mpudp.SO_MARK)
+
+
+def without_mark_permission():
+    """A command prefix under which SO_MARK fails with EPERM, or None.  Linux 5.17 and later
+    let CAP_NET_RAW set marks too, so both capabilities go (from the bounding set: root
+    keeps its files, so the config stays readable)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    candidates = [[]]  # not root: nothing to drop
+    if shutil.which("setpriv"):
+        candidates.append(["setpriv", "--bounding-set=-net_admin,-net_raw", "--inh-caps=-net_admin,-net_raw", "--"])
+    if shutil.which("capsh"):
+        candidates.append(["capsh", "--drop=cap_net_admin,cap_net_raw", "--", "-c", 'exec "$0" "$@"'])
+    for prefix in candidates:
+        try:
+            probe = subprocess.run(prefix + [sys.executable, "-c", MARK_PROBE], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, universal_newlines=True, timeout=WAIT_S)
+        except OSError:
+            continue
+        if probe.returncode != 0 and "PermissionError" in probe.stderr:
+            return prefix
+    return None
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"], ids=["address", "host-name"])
+def test_fwmark_without_permission_stops_the_start(tmp_path, host):
+    """One line naming the link, the option and the capability; exit status 1.  A host-name
+    remote is not resolved yet at start: its options are tried on a throw-away socket."""
+    prefix = without_mark_permission()
+    if prefix is None:
+        pytest.skip("cannot run a process without CAP_NET_ADMIN and CAP_NET_RAW here (setpriv, capsh)")
+    server_keys, client_keys = keypair(), keypair()
+    remote = "%s:%d" % (host, free_udp_port())
+    path = write_config(tmp_path, {"mode": "client", "client": {
+        "listen_addr": "127.0.0.1:%d" % free_udp_port(),
+        "links": [{"remote_addr": remote}, {"remote_addr": remote, "fwmark": "0x64"}],
+        "client_private_key": client_keys[0], "server_public_key": server_keys[1]}})
+    done = subprocess.run(prefix + [sys.executable, MPUDP, "-config=%s" % path], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=WAIT_S, cwd=ROOT)
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    failed = [line for line in done.stderr.splitlines() if "cannot start" in line]
+    assert len(failed) == 1, done.stderr
+    assert " ERROR " in failed[0], failed
+    assert failed[0].endswith("cannot start: link 1 (%s): fwmark 0x64: Operation not permitted "
+                              "(SO_MARK needs CAP_NET_ADMIN)" % remote), failed
+
+
+# -- 5. an interface that goes away, or is not there yet ------------------------------
+
+
+def test_interface_deleted_and_made_again(two_wans):
+    """vethB is deleted under the active link 1: the link goes down at once and traffic
+    moves to link 0 (vethA); vethB made again (a new index): link 1 gets a new socket,
+    comes up, and the data leaves by the new vethB."""
+    wans = two_wans()
+    wans.add_wan("vethA")
+    wans.add_wan("vethB")
+    wans.start([{"bind_interface": "vethA", "priority": 100}, {"bind_interface": "vethB"}])
+    wans.client.wait_for_line("handshake done")
+    wans.client.wait_for_line(wans.link(1) + " up")
+    wans.app.probe("before")
+    wait_for_last(wans.server, RETURN_PATH, "link 1 (%s:" % SOURCE["vethB"])
+    old_index = int(wans.client_ns.run("cat", "/sys/class/net/vethB/ifindex"))
+
+    mark, mark_server = len(wans.client.lines), len(wans.server.lines)
+    deleted = time.monotonic()
+    wans.client_ns.ip("link", "del", "vethB")
+    wans.app.probe("gone", interval=0.02)
+    resumed_s = time.monotonic() - deleted
+    lost = wans.client.lines[wans.client.wait_for_line("the link is down until it is back", start=mark)]
+    # The heartbeat-interval check says "went away"; a send that came first says ENODEV.
+    assert (wans.link(1) + ": interface vethB went away;" in lost
+            or wans.link(1) + ": No such device (vethB);" in lost), lost
+    wans.client.wait_for_line("switch %s -> %s" % (wans.link(1), wans.link(0)), start=mark)
+    wans.server.wait_for_line("replies now go by link 0 (%s:" % SOURCE["vethA"], start=mark_server)
+    assert_stream_leaves_by(wans, "failed-over", "vethA")
+    status = wait_for_status(wans.score_file, lambda s: s["links"][1].get("waiting"), "score_file: link 1 waiting")
+    assert "vethB" in status["links"][1]["waiting"] and status["links"][1]["state"] == "down", status["links"][1]
+    report("vethB deleted under the active link: traffic resumed on vethA after %.0f ms (%s)" % (
+        resumed_s * 1000, lost.split(": ", 1)[1] if ": " in lost else lost))
+
+    mark, mark_server = len(wans.client.lines), len(wans.server.lines)
+    made = time.monotonic()
+    wans.add_wan("vethB")
+    new_index = int(wans.client_ns.run("cat", "/sys/class/net/vethB/ifindex"))
+    assert new_index != old_index
+    wans.client.wait_for_line(wans.link(1) + ": its socket is ready again", start=mark)
+    wans.client.wait_for_line(wans.link(1) + " up", start=mark)
+    up_s = time.monotonic() - made
+    wait_for_last(wans.server, RETURN_PATH, "link 1 (%s:" % SOURCE["vethB"], start=mark_server)
+    back_s = time.monotonic() - made
+    assert_stream_leaves_by(wans, "back", "vethB", "vethA")
+    report("vethB made again: link 1 up after %.0f ms, carrying traffic again after %.0f ms" % (
+        up_s * 1000, back_s * 1000))
+    assert [p.stop() for p in wans.procs] == [0, 0]
+
+
+def test_interface_made_again_between_two_checks_in_process(tmp_path):
+    """ppp0 style: the interface is deleted and made again (same name, new index) between two
+    heartbeat-interval checks.  The old socket can never send again (ENODEV), so the check
+    compares indexes: the link loses its socket at the first check and gets a new one, bound
+    to the new interface, at the next.  A real Client in this process, inside a namespace,
+    stepped by hand (no send comes first, so the index check is what acts)."""
+    ns = NetNs("mw-inproc")
+    try:
+        def scenario():
+            ns.add_veth("ppp9", "10.211.3.1/24", ns, "peer9", "10.211.3.2/24")
+            clock = FakeClock()
+            logbuf = io.StringIO()
+            log = mpudp.Log(stream=logbuf, clock=clock)
+            reactor = mpudp.Reactor(clock=clock, log=log)
+            resolver = mpudp.Resolver(reactor)
+            server_keys, client_keys = keypair(), keypair()
+            section = mpudp.parse_config({"mode": "client", "client": {
+                "listen_addr": "127.0.0.1:0", "links": [{"remote_addr": "10.211.3.2:9", "bind_interface": "ppp9"}],
+                "heartbeat_interval_sec": HEARTBEAT_S, "client_private_key": client_keys[0],
+                "server_public_key": server_keys[1]}}).section
+            client = mpudp.Client(section, reactor, log, resolver)
+            try:
+                client.start()
+                link = client.links[0]
+                old_sock, old_index = link.sock, link.ifindex
+                assert old_sock is not None and old_index == socket.if_nametoindex("ppp9")
+                ns.ip("link", "del", "ppp9")
+                ns.add_veth("ppp9", "10.211.3.1/24", ns, "peer9", "10.211.3.2/24")
+                new_index = socket.if_nametoindex("ppp9")
+                assert new_index != old_index
+                with pytest.raises(OSError) as info:  # what the old socket gets now
+                    old_sock.sendto(b"x", ("10.211.3.2", 9))
+                assert info.value.errno == errno.ENODEV
+
+                client.evaluate()  # the heartbeat-interval check: a new index
+                assert link.sock is None and link.waiting == "interface ppp9 went away", logbuf.getvalue()
+                assert old_sock.fileno() == -1  # closed
+                assert "link 0 (10.211.3.2:9): interface ppp9 went away; the link is down until it is back" \
+                    in logbuf.getvalue()
+                assert client.status()["links"][0]["waiting"] == "interface ppp9 went away"
+
+                client.evaluate()  # the next check: made again, on the new interface
+                assert link.sock is not None and link.ifindex == new_index and link.waiting == ""
+                assert link.sock.getsockopt(socket.SOL_SOCKET, mpudp.SO_BINDTODEVICE, 16).rstrip(b"\0") == b"ppp9"
+                link.sock.sendto(b"x", ("10.211.3.2", 9))  # no ENODEV: the new socket can send
+                assert ("link 0 (10.211.3.2:9): its socket is ready again (interface ppp9 went away was the "
+                        "trouble)") in logbuf.getvalue()
+                assert "waiting" not in client.status()["links"][0]
+            finally:
+                client.close()
+                resolver.close()
+                reactor.close()
+
+        ns.inside(scenario)
+    finally:
+        ns.close()
+
+
+SOURCE_TABLE = "102"  # `ip rule add from 10.211.2.1 table 102`: a bind_addr link's uplink
+
+
+def add_source_rule(wans):
+    """Packets from vethB's address leave by vethB (a bound source address alone does not pick
+    the uplink: Linux routes by destination, from whichever address)."""
+    wans.client_ns.ip("rule", "add", "from", SOURCE["vethB"], "table", SOURCE_TABLE)
+
+
+def add_source_route(wans):
+    wans.client_ns.ip("route", "replace", SERVER_IP + "/32", "via", WANS["vethB"][3], "dev", "vethB",
+                      "table", SOURCE_TABLE)
+
+
+@pytest.mark.parametrize("option, value, trouble", [
+    ("bind_interface", "vethB", "bind_interface vethB: No such device"),
+    ("bind_addr", SOURCE["vethB"], "bind_addr %s: Cannot assign requested address" % SOURCE["vethB"]),
+])
+def test_interface_or_address_not_there_at_start(two_wans, option, trouble, value):
+    """Link 1 bound to vethB or its address, neither there yet: a warning, not a failure; the
+    client runs on link 0; once vethB is made, link 1 gets its socket, comes up and takes over."""
+    wans = two_wans()
+    wans.add_wan("vethA")
+    add_source_rule(wans)
+    wans.start([{"bind_interface": "vethA", "priority": 100}, {option: value}])
+    wans.client.wait_for_line(wans.link(1) + ": %s; the link is down until that changes" % trouble)
+    wans.client.wait_for_line("handshake done")
+    wans.app.probe("one-link")
+    status = wait_for_status(wans.score_file, lambda s: s["links"][0]["state"] == "up",
+                             "score_file: link 0 up")
+    assert status["links"][1].get("waiting") == trouble, status["links"][1]
+    assert status["links"][1]["via"] == ("dev " if option == "bind_interface" else "from ") + value
+    assert wans.client.count_lines(trouble) == 1, wans.client.output()  # said once, not at every retry
+
+    mark, mark_server = len(wans.client.lines), len(wans.server.lines)
+    wans.add_wan("vethB")
+    add_source_route(wans)
+    wans.client.wait_for_line(wans.link(1) + ": its socket is ready again", start=mark)
+    wans.client.wait_for_line(wans.link(1) + " up", start=mark)
+    wait_for_last(wans.server, RETURN_PATH, "link 1 (%s:" % SOURCE["vethB"], start=mark_server)
+    assert_stream_leaves_by(wans, "late", "vethB", "vethA")
+    assert [p.stop() for p in wans.procs] == [0, 0]
+
+
+def test_bind_addr_picks_the_source_and_a_rule_the_uplink(two_wans):
+    """Link 1 bound to vethB's address: without a rule its packets leave by the best route
+    (vethA) from that address; with `ip rule add from ADDR table 102` by vethB.  The address
+    removed: no error names it (sendto says ENETUNREACH), so the link goes down by missed
+    heartbeats and traffic moves to link 0; the address back, the same socket works again."""
+    wans = two_wans()
+    wans.add_wan("vethA")
+    wans.add_wan("vethB")
+    wans.start([{"bind_interface": "vethA", "priority": 100}, {"bind_addr": SOURCE["vethB"]}])
+    wans.client.wait_for_line("handshake done")
+    wans.client.wait_for_line(wans.link(1) + " up")
+    wans.app.probe("first")
+    wait_for_last(wans.server, RETURN_PATH, "link 1 (%s:" % SOURCE["vethB"])
+    assert_stream_leaves_by(wans, "no-rule", "vethA")
+    add_source_rule(wans)
+    add_source_route(wans)
+    assert_stream_leaves_by(wans, "rule", "vethB", "vethA")
+
+    mark, mark_server = len(wans.client.lines), len(wans.server.lines)
+    removed = time.monotonic()
+    wans.client_ns.ip("addr", "del", WANS["vethB"][0], "dev", "vethB")  # its routes go with it
+    wans.app.probe("address-gone", interval=0.02)
+    resumed_s = time.monotonic() - removed
+    wans.client.wait_for_line("switch %s -> %s" % (wans.link(1), wans.link(0)), start=mark)
+    wans.server.wait_for_line("replies now go by link 0 (%s:" % SOURCE["vethA"], start=mark_server)
+    report("bind_addr's address removed: traffic resumed on link 0 after %.0f ms (%s)" % (
+        resumed_s * 1000, "; ".join(line.split(None, 3)[3] for line in wans.client.lines[mark:]
+                                    if wans.link(1) in line and "switch" not in line)))
+
+    mark, mark_server = len(wans.client.lines), len(wans.server.lines)
+    wans.client_ns.ip("addr", "add", WANS["vethB"][0], "dev", "vethB")
+    add_source_route(wans)
+    wans.client.wait_for_line(wans.link(1) + " up", start=mark)
+    wait_for_last(wans.server, RETURN_PATH, "link 1 (%s:" % SOURCE["vethB"], start=mark_server)
+    assert_stream_leaves_by(wans, "address-back", "vethB", "vethA")
+    assert [p.stop() for p in wans.procs] == [0, 0]
+
+
+# -- 6. config -----------------------------------------------------------------------
+
+KEYS = keypair(), keypair()
+
+
+def client_config(*links):
+    return {"mode": "client", "client": {
+        "listen_addr": "127.0.0.1:8999",
+        "links": [dict({"remote_addr": "10.0.0.1:5000"}, **links[0]),
+                  dict({"remote_addr": "10.0.0.2:5000"}, **links[1])],
+        "client_private_key": KEYS[0][0], "server_public_key": KEYS[1][1]}}
+
+
+@pytest.mark.parametrize("link, key", [
+    ({"fwmark": "0xZZ"}, "fwmark"),
+    ({"fwmark": -1}, "fwmark"),
+    ({"fwmark": 2 ** 32}, "fwmark"),
+    ({"fwmark": "0x100000000"}, "fwmark"),
+    ({"fwmark": 1.5}, "fwmark"),
+    ({"bind_addr": "not-an-ip"}, "bind_addr"),
+    ({"bind_addr": "10.0.0.9:notaport"}, "bind_addr"),
+    ({"bind_addr": "::1"}, "bind_addr"),  # IPv6 source, IPv4 remote_addr
+    ({"bind_addr": "10.0.0.9", "remote_addr": "[2001:db8::1]:5000"}, "bind_addr"),
+    ({"bind_addr": 7}, "bind_addr"),
+    ({"bind_interface": "a" * 16}, "bind_interface"),
+    ({"bind_interface": "\u00e9" * 8}, "bind_interface"),  # 8 characters, 16 bytes
+    ({"bind_interface": "eth 1"}, "bind_interface"),
+    ({"bind_interface": "a/b"}, "bind_interface"),
+], ids=lambda value: repr(value) if not isinstance(value, str) else value)
+def test_config_error_names_the_key(link, key):
+    with pytest.raises(mpudp.ConfigError) as info:
+        mpudp.parse_config(client_config({}, link))
+    lines = str(info.value).splitlines()
+    assert len(lines) == 1 and lines[0].startswith("client.links[1].%s: " % key), lines
+
+
+def test_config_good_values():
+    config = mpudp.parse_config(client_config(
+        {"bind_interface": "a" * 15, "fwmark": 100, "bind_addr": "10.0.0.9:40000"},
+        {"fwmark": "0x64", "bind_addr": "[2001:db8::7]:40000", "remote_addr": "[2001:db8::1]:5000"}))
+    first, second = config.section.links
+    assert (first.bind_interface, first.fwmark) == ("a" * 15, 100)
+    assert first.bind_addr == ("10.0.0.9:40000", socket.AF_INET, ("10.0.0.9", 40000))
+    assert second.fwmark == 0x64
+    assert second.bind_addr[1] == socket.AF_INET6 and second.bind_addr[2][:2] == ("2001:db8::7", 40000)
+    bare = mpudp.parse_config(client_config({}, {"bind_addr": "2001:db8::7", "remote_addr": "[2001:db8::1]:5000",
+                                                 "fwmark": "0xffffffff"})).section.links[1]
+    assert bare.bind_addr[2][:2] == ("2001:db8::7", 0) and bare.fwmark == 0xFFFFFFFF
+
+
+def test_config_host_name_remote_takes_either_family_of_bind_addr():
+    """Only a numeric remote_addr can disagree with bind_addr; a host name is looked up in
+    bind_addr's family."""
+    for bind in ("10.0.0.9", "[2001:db8::7]:0"):
+        config = mpudp.parse_config(client_config({}, {"remote_addr": "vpn.example.net:5000", "bind_addr": bind}))
+        assert config.section.links[1].bind_addr[0] == bind
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, MPUDP] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, cwd=ROOT, timeout=WAIT_S)
+
+
+def test_cli_check_describes_and_refuses(tmp_path):
+    good = write_config(tmp_path, client_config(
+        {}, {"bind_interface": "veth1", "fwmark": "0x64", "bind_addr": "10.0.0.9"}), "good.json")
+    result = cli("-config=%s" % good, "--check")
+    assert result.returncode == 0, result.stderr
+    assert "links[0]: 10.0.0.1:5000, priority 0" in result.stdout.splitlines()
+    assert "links[1]: 10.0.0.2:5000, priority 0, dev veth1 mark 0x64 from 10.0.0.9" in result.stdout.splitlines()
+
+    bad = write_config(tmp_path, client_config({"fwmark": -1}, {"bind_interface": "x" * 16}), "bad.json")
+    result = cli("-config=%s" % bad, "--check")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert [line.split(": ")[2] for line in lines] == ["client.links[0].fwmark", "client.links[1].bind_interface"], \
+        lines
+    assert all(line.startswith("mpudp: config error: ") for line in lines), lines
+
