@@ -983,11 +983,15 @@ def numeric_address(host: str, port: int) -> Optional[Tuple[int, tuple]]:
 
 
 def format_address(sockaddr: Optional[tuple]) -> str:
+    """"192.0.2.1:7", "[2001:db8::2]:7"; an IPv4 client of a dual-stack socket as IPv4."""
     if not sockaddr:
         return "-"
-    if ":" in sockaddr[0]:
-        return "[%s]:%d" % (sockaddr[0], sockaddr[1])
-    return "%s:%d" % (sockaddr[0], sockaddr[1])
+    host = sockaddr[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    if ":" in host:
+        return "[%s]:%d" % (host, sockaddr[1])
+    return "%s:%d" % (host, sockaddr[1])
 
 
 class Resolver:
@@ -1105,7 +1109,8 @@ def open_link_socket(family: int, spec: "LinkConfig") -> socket.socket:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, spec.fwmark)
             except OSError as exc:
-                raise LinkSocketError("fwmark 0x%x" % spec.fwmark, exc, " (SO_MARK needs CAP_NET_ADMIN)"
+                raise LinkSocketError("fwmark 0x%x" % spec.fwmark, exc, " (SO_MARK needs CAP_NET_ADMIN, or CAP_NET_RAW"
+                                      " since Linux 5.17)"
                                       if exc.errno in (errno.EPERM, errno.EACCES) else "") from None
         if spec.bind_addr is not None:
             try:
@@ -1128,6 +1133,151 @@ def interface_index(name: str) -> int:
         return socket.if_nametoindex(name)
     except OSError:
         return 0
+
+
+# Segmentation offload (Linux >= 4.18): packets of one size for one address
+# leave by one sendmsg with a UDP_SEGMENT control message, and the kernel cuts
+# them into ordinary datagrams (on the NIC, or before loopback delivery), so
+# the receiver needs nothing.  One system call instead of up to 64: at
+# saturation a drain loop finds many packets queued (bench/gso_probe.py).
+UDP_SEGMENT = 103  # linux/udp.h; the socket module has no name for it
+GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS in older kernels
+GSO_MAX_BYTES = 65000  # all segments together: one IP datagram's worth
+GSO_AVAILABLE = sys.platform.startswith("linux") and hasattr(socket.socket, "sendmsg")
+# A kernel without UDP_SEGMENT, or a segment larger than the path's MTU (GSO does
+# not fragment), refuses the batch with one of these: its packets go one by one.
+GSO_REFUSED_ERRNOS = frozenset((errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EMSGSIZE))
+
+
+class SendBatch:
+    """Sealed packets that leave together: all `seg` bytes long but the last.
+
+    The data paths seal each packet in place at `end` (`room()` is where the next
+    payload is received), then `push` it; a batch goes out when the next packet
+    does not fit, when it is full, and at the end of every drain (`flush`), so a
+    packet never waits for a later one: at light load every batch is one packet,
+    sent with a plain sendto.
+    """
+
+    __slots__ = ("buf", "view", "end", "count", "seg", "enabled", "max_seg", "sock", "addrs", "on_error",
+                 "counters", "sent_bytes", "gso_sends")
+
+    def __init__(self, counters: Counters) -> None:
+        self.buf = bytearray(GSO_MAX_BYTES + RECV_BUFFER_SIZE)
+        self.view = memoryview(self.buf)
+        self.end = self.count = self.seg = 0
+        self.enabled = GSO_AVAILABLE
+        self.max_seg = MAX_UDP_PAYLOAD  # lowered when the kernel refuses a segment size
+        self.counters = counters
+        self.sock = None  # type: Optional[socket.socket]
+        self.addrs = ()  # type: Sequence[tuple]
+        self.on_error = None  # type: Optional[Callable[[OSError], None]]
+        self.sent_bytes = 0
+        self.gso_sends = 0  # batches that left in one call (for tests and the benchmark)
+
+    def aim(self, sock: socket.socket, addrs: Sequence[tuple], on_error: Callable[[OSError], None]) -> None:
+        """Where the next packets go (each to every address); sends what was pending first."""
+        if self.count:
+            self.flush()
+        self.sock, self.addrs, self.on_error = sock, addrs, on_error
+
+    def room(self) -> memoryview:
+        """Where the next packet's payload is received: after its header, at `end`."""
+        start = self.end + HEADER_SIZE
+        return self.view[start:start + MAX_DATA_PAYLOAD + 1]
+
+    def push(self, length: int) -> None:
+        """The packet of `length` bytes sealed at `end` joins the batch."""
+        end, seg = self.end, self.seg
+        if self.count and (length > seg or self.count == GSO_MAX_SEGMENTS or end + length > GSO_MAX_BYTES):
+            self.flush()  # it cannot join: the batch goes, and it starts the next one
+            self.buf[:length] = bytes(self.view[end:end + length])  # may overlap: copy first
+            end = 0
+        if not self.count:
+            self.seg = seg = length
+        self.count += 1
+        self.end = end + length
+        if length < seg or not self.enabled or seg > self.max_seg:
+            self.flush()  # a shorter packet ends a batch; or it goes alone anyway
+
+    def discard(self) -> int:
+        """Forget the batch (its socket is gone); how many packets it held."""
+        count = self.count
+        self.count = self.end = 0
+        return count
+
+    def flush(self) -> None:
+        """Send the batch (nothing if empty)."""
+        count, end = self.count, self.end
+        if not count:
+            return
+        self.count = self.end = 0
+        packets = self.view[:end]
+        for addr in self.addrs:
+            try:
+                if count == 1:
+                    self.sock.sendto(packets, addr)
+                else:
+                    self.sock.sendmsg([packets], [(socket.IPPROTO_UDP, UDP_SEGMENT, SEGMENT_SIZE.pack(self.seg))],
+                                      0, addr)
+                    self.gso_sends += 1
+                self.sent_bytes += end
+            except BlockingIOError:
+                self.counters.add("tx_full", count)
+            except OSError as exc:
+                if count > 1 and exc.errno in GSO_REFUSED_ERRNOS:
+                    self._refused(exc, packets, addr)
+                else:
+                    self.on_error(exc)
+
+    def _refused(self, exc: OSError, packets: memoryview, addr: tuple) -> None:
+        """The kernel would not take the batch: remember, and send its packets one by one."""
+        self.counters.add("gso_refused")
+        if exc.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+            self.enabled = False
+        self.max_seg = min(self.max_seg, self.seg - 1)
+        for start in range(0, len(packets), self.seg):
+            try:
+                self.sock.sendto(packets[start:start + self.seg], addr)
+                self.sent_bytes += len(packets[start:start + self.seg])
+            except BlockingIOError:
+                self.counters.add("tx_full")
+            except OSError as exc:
+                self.on_error(exc)
+                return
+
+
+SEGMENT_SIZE = struct.Struct("=H")  # UDP_SEGMENT's value: a host-order u16
+
+# GRO_NOTE: receive offload (Linux >= 5.0) is the other half.  A socket with
+# UDP_GRO set may be handed several datagrams of one flow at once, one after
+# the other in the buffer, with their size in a control message (all that
+# size but the last).  The link sockets use it: a batch the other side sent
+# with UDP_SEGMENT then costs one receive, and the kernel never cuts it up.
+UDP_GRO = 104  # linux/udp.h
+GRO_CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
+GRO_SIZE = struct.Struct("=i")
+
+
+def enable_gro(sock: socket.socket) -> bool:
+    """Ask for coalesced receives on `sock`; False where the kernel or platform cannot."""
+    if not GSO_AVAILABLE or not GRO_CMSG_SPACE:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def gro_segment_size(ancdata: list, total: int) -> int:
+    """The size of each datagram in a coalesced receive (`total` if it is just one)."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_UDP and kind == UDP_GRO and len(data) >= GRO_SIZE.size:
+            size = GRO_SIZE.unpack_from(data)[0]
+            if 0 < size < total:
+                return size
+    return total
 
 
 def listen_address(host: str, port: int) -> Tuple[int, tuple]:
@@ -1234,6 +1384,7 @@ class ClientLink:
         self.sock = None  # type: Optional[socket.socket]
         self.ifindex = 0  # of bind_interface when the socket was made
         self.waiting = ""  # why the link has no socket yet ("" if it has one, or no address yet)
+        self.gro = False  # its socket takes coalesced receives (GRO_NOTE)
         self.carrier = False  # data goes out on this link (the active one, and more with redundancy)
         self.cookie = bytes(NONCE_SIZE)  # the server's cookie for the HELLO nonce, on this path
         self.hb_seq = 0
@@ -1299,6 +1450,8 @@ class Client:
         self._view = memoryview(self._buf)
         self._payload_view = self._view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
         self._ctl = bytearray(OVERHEAD + 64)  # control packets, so they never clobber _buf
+        self._batch = SendBatch(self.counters)  # packets from local applications, sealed for a link
+        self._bufs = [self._view]  # for recvmsg_into
         self.listen_sock = None  # type: Optional[socket.socket]
 
     # -- life cycle ------------------------------------------------------------
@@ -1361,10 +1514,16 @@ class Client:
                 raise OSError(why) from None
             self.log.every("link-socket:%d" % link.index, ERROR_LOG_INTERVAL_S, "error", why)
             return False
+        link.ifindex = interface_index(link.spec.bind_interface) if link.spec.bind_interface else 0
+        if link.spec.bind_interface and not link.ifindex:  # it went away just now: try again later
+            link.sock.close()
+            link.sock = None
+            link.waiting = "interface %s went away" % link.spec.bind_interface
+            return False
         if link.waiting:
             self.log.info("%s: its socket is ready again (%s was the trouble)" % (link.name, link.waiting))
             link.waiting = ""
-        link.ifindex = interface_index(link.spec.bind_interface) if link.spec.bind_interface else 0
+        link.gro = enable_gro(link.sock)
         self.reactor.add_reader(link.sock, lambda: self._on_link_readable(link))
         return True
 
@@ -1442,18 +1601,27 @@ class Client:
     def _on_local_readable(self) -> None:
         # Locals instead of attribute look-ups: this loop runs once per datagram.
         sock = self.listen_sock
-        buf, view, payload_view = self._buf, self._view, self._payload_view
         sessions = self.sessions_by_addr
         client_id = self.config.client_id
         pack_header = HEADER.pack_into
+        # One link: packets are sealed in place in the batch and leave together
+        # (SendBatch).  Copies for several links differ in their header, so they
+        # are sealed and sent one by one from the start of the batch's buffer.
+        batch = self._batch
+        buf, view = batch.buf, batch.view
+        carriers = self.carriers
+        if len(carriers) == 1:
+            link = carriers[0]
+            batch.aim(link.sock, (link.endpoint.addr,), lambda exc: self._link_error(link, exc))
+        tx_before = batch.sent_bytes
         while True:
             try:
-                n, addr = sock.recvfrom_into(payload_view)
+                n, addr = sock.recvfrom_into(batch.room())
             except BlockingIOError:
-                return
+                break
             except OSError as exc:
                 self._socket_error("listen", exc)
-                return
+                break
             if n > MAX_DATA_PAYLOAD:
                 self.counters.add("oversize")
                 continue
@@ -1463,31 +1631,44 @@ class Client:
                 if session is None:
                     continue
             session.packets += 1
-            epoch, carriers = self.epoch, self.carriers
+            epoch = self.epoch
+            if carriers is not self.carriers:  # a send error closed the link's socket
+                self.counters.add("link_lost", 1 + batch.discard())
+                return  # the rest waits in the socket for the next pass, and the new link
             if epoch is None or not carriers:
                 self.counters.add("no_path")
+                continue
+            epoch.tx_seq += 1
+            nonce = epoch.nonce_base | epoch.tx_seq
+            start = batch.end
+            end = start + HEADER_SIZE + n
+            if len(carriers) == 1:
+                pack_header(buf, start, self._data_flags, link.index, client_id, session.id, nonce)
+                m = epoch.tx_mac.copy()
+                m.update(view[start:end])
+                buf[end:end + MAC_SIZE] = m.digest()
+                batch.push(n + OVERHEAD)
                 continue
             # One sequence number for all copies: the server takes the first to
             # arrive and its replay window drops the others.  Each copy names its
             # own link, so each has its own MAC.
-            epoch.tx_seq += 1
-            nonce = epoch.nonce_base | epoch.tx_seq
-            flags = self._data_flags
-            end = HEADER_SIZE + n
-            for link in carriers:
-                pack_header(buf, 0, flags, link.index, client_id, session.id, nonce)
+            for other in carriers:
+                pack_header(buf, 0, self._data_flags, other.index, client_id, session.id, nonce)
                 m = epoch.tx_mac.copy()
                 m.update(view[:end])
                 buf[end:end + MAC_SIZE] = m.digest()
                 try:
-                    link.sock.sendto(view[:end + MAC_SIZE], link.endpoint.addr)
+                    other.sock.sendto(view[:end + MAC_SIZE], other.endpoint.addr)
                 except BlockingIOError:
                     self.counters.add("tx_full")
                     continue
                 except OSError as exc:
-                    self._link_error(link, exc)
+                    self._link_error(other, exc)
                     continue
-                link.tx_bytes += end + MAC_SIZE
+                other.tx_bytes += end + MAC_SIZE
+        if len(carriers) == 1:
+            batch.flush()
+            link.tx_bytes += batch.sent_bytes - tx_before
 
     def _open_session(self, addr: tuple) -> Optional[ClientSession]:
         if len(self.sessions_by_addr) >= self.config.max_sessions:
@@ -1512,60 +1693,72 @@ class Client:
         sock = link.sock
         buf, view = self._buf, self._view
         client_id = self.config.client_id
+        gro = link.gro
         while sock is link.sock:  # an error below may close it
             try:
-                n = sock.recv_into(view)
+                if gro:  # several datagrams may come as one (GRO_NOTE)
+                    total, ancdata, _flags, _addr = sock.recvmsg_into(self._bufs, GRO_CMSG_SPACE)
+                    seg = gro_segment_size(ancdata, total) if ancdata else total
+                else:
+                    total = sock.recv_into(view)
+                    seg = total
             except BlockingIOError:
                 return
             except OSError as exc:  # e.g. ECONNREFUSED reported for an earlier send
                 self._link_error(link, exc)
                 return
-            if n < OVERHEAD:
-                self.counters.add("short")
-                continue
-            type_flags, _link, packet_client, session_id, nonce = HEADER.unpack_from(buf)
-            kind = type_flags & TYPE_MASK
-            if packet_client != client_id:
-                self.counters.add("bad_header")
-                continue
-            if kind == TYPE_WELCOME:
-                self._on_welcome(n)
-                continue
-            if kind == TYPE_COOKIE:
-                self._on_cookie(link, n)
-                continue
-            epoch = self.epoch
-            if epoch is None or nonce >> SEQ_BITS != epoch.tag:
-                self.counters.add("stale_epoch")
-                continue
-            seq = nonce & SEQ_MASK
-            if not epoch.window.fresh(seq):
-                # A copy sent on another link too (redundancy), or a replay: dropped alike.
-                self.counters.add("duplicate" if epoch.window.seen(seq) else "replay")
-                continue
-            m = epoch.rx_mac.copy()
-            m.update(view[:n - MAC_SIZE])
-            if not compare_digest(m.digest(), view[n - MAC_SIZE:n]):
-                self.counters.add("auth")
-                continue
-            epoch.window.mark(seq)
-            link.rx_bytes += n
-            if kind == TYPE_DATA:
-                self._deliver(session_id, n)
-            elif kind == TYPE_ECHO and n == OVERHEAD + ECHO_PAYLOAD.size:
-                hb_seq, bitmap = ECHO_PAYLOAD.unpack_from(buf, HEADER_SIZE)
-                self._on_echo(link, hb_seq, bitmap)
-            else:
-                self.counters.add("bad_type")
+            for off in range(0, total, seg) if seg < total else (0,):
+                n = min(seg, total - off)
+                if n < OVERHEAD:
+                    self.counters.add("short")
+                    continue
+                type_flags, _link, packet_client, session_id, nonce = HEADER.unpack_from(buf, off)
+                kind = type_flags & TYPE_MASK
+                if packet_client != client_id:
+                    self.counters.add("bad_header")
+                    continue
+                if off and kind != TYPE_DATA:
+                    buf[:n] = view[off:off + n]  # control handlers read it at 0; off >= seg >= n
+                    off = 0
+                if kind == TYPE_WELCOME:
+                    self._on_welcome(n)
+                    continue
+                if kind == TYPE_COOKIE:
+                    self._on_cookie(link, n)
+                    continue
+                epoch = self.epoch
+                if epoch is None or nonce >> SEQ_BITS != epoch.tag:
+                    self.counters.add("stale_epoch")
+                    continue
+                seq = nonce & SEQ_MASK
+                if not epoch.window.fresh(seq):
+                    # A copy sent on another link too (redundancy), or a replay: dropped alike.
+                    self.counters.add("duplicate" if epoch.window.seen(seq) else "replay")
+                    continue
+                end = off + n - MAC_SIZE
+                m = epoch.rx_mac.copy()
+                m.update(view[off:end])
+                if not compare_digest(m.digest(), view[end:end + MAC_SIZE]):
+                    self.counters.add("auth")
+                    continue
+                epoch.window.mark(seq)
+                link.rx_bytes += n
+                if kind == TYPE_DATA:
+                    self._deliver(session_id, view[off + HEADER_SIZE:end])
+                elif kind == TYPE_ECHO and n == OVERHEAD + ECHO_PAYLOAD.size:
+                    hb_seq, bitmap = ECHO_PAYLOAD.unpack_from(buf, HEADER_SIZE)
+                    self._on_echo(link, hb_seq, bitmap)
+                else:
+                    self.counters.add("bad_type")
 
-    def _deliver(self, session_id: int, n: int) -> None:
+    def _deliver(self, session_id: int, payload: memoryview) -> None:
         session = self.sessions_by_id.get(session_id)
         if session is None:
             self.counters.add("no_session")
             return
         session.packets += 1
         try:
-            self.listen_sock.sendto(self._view[HEADER_SIZE:n - MAC_SIZE], session.addr)
+            self.listen_sock.sendto(payload, session.addr)
         except BlockingIOError:
             self.counters.add("local_full")
         except OSError as exc:
@@ -2099,6 +2292,9 @@ class Server:
         self._view = memoryview(self._buf)
         self._payload_view = self._view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
         self._ctl = bytearray(OVERHEAD + 64)
+        self._batch = SendBatch(self.counters)  # replies from upstreams, sealed for the client
+        self._bufs = [self._view]  # for recvmsg_into
+        self._gro = False
         self._cookie_secret = os.urandom(KEY_SIZE)
         self._periodic = []  # type: List[Periodic]
         self._last_drop_report = None  # type: Optional[Dict[str, int]]
@@ -2110,6 +2306,7 @@ class Server:
         cfg = self.config
         family, sockaddr = listen_address(cfg.listen_host, cfg.listen_port)
         self.listen_sock = open_udp_socket(family, sockaddr)
+        self._gro = enable_gro(self.listen_sock)
         self.reactor.add_reader(self.listen_sock, self._on_listen_readable)
         self.log.info("server listening on %s for %d client(s), upstream %s" % (
             format_address(self.listen_sock.getsockname()), len(self.peers),
@@ -2148,71 +2345,83 @@ class Server:
         buf, view = self._buf, self._view
         peers = self.peers
         counters = self.counters
+        gro = self._gro
         while True:
             try:
-                n, addr = sock.recvfrom_into(view)
+                if gro:  # several datagrams of one client link may come as one (GRO_NOTE)
+                    total, ancdata, _flags, addr = sock.recvmsg_into(self._bufs, GRO_CMSG_SPACE)
+                    seg = gro_segment_size(ancdata, total) if ancdata else total
+                else:
+                    total, addr = sock.recvfrom_into(view)
+                    seg = total
             except BlockingIOError:
                 return
             except OSError as exc:
                 self._socket_error("listen", exc)
                 return
-            if n < OVERHEAD:
-                counters.add("short")
-                continue
-            type_flags, link, client_id, session_id, nonce = HEADER.unpack_from(buf)
-            peer = peers.get(client_id)
-            if peer is None:
-                counters.add("unknown_client")
-                continue
-            kind = type_flags & TYPE_MASK
-            if kind == TYPE_HELLO:
-                self._on_hello(peer, link, addr, n)
-                continue
-            epoch = peer.epoch
-            tag = nonce >> SEQ_BITS
-            if epoch is None or epoch.tag != tag:
-                epoch = peer.pending.get(tag)
-                if epoch is None:
-                    counters.add("stale_epoch")
+            for off in range(0, total, seg) if seg < total else (0,):
+                n = min(seg, total - off)
+                if n < OVERHEAD:
+                    counters.add("short")
                     continue
-            seq = nonce & SEQ_MASK
-            if not epoch.window.fresh(seq):
-                counters.add("duplicate" if epoch.window.seen(seq) else "replay")
-                continue
-            m = epoch.rx_mac.copy()
-            m.update(view[:n - MAC_SIZE])
-            if not compare_digest(m.digest(), view[n - MAC_SIZE:n]):
-                counters.add("auth")
-                continue
-            epoch.window.mark(seq)
-            if epoch is not peer.epoch:
-                self._adopt_epoch(peer, epoch)
-            peer.packets += 1
-            if type_flags & FLAG_ACTIVE:
-                if seq > peer.return_seq:
-                    if (addr != peer.return_addr or link != peer.return_link
-                            or type_flags & COPIES_MASK != peer.copies_bits):
-                        self._set_return_path(peer, link, addr, seq, type_flags & COPIES_MASK)
-                    peer.return_seq = seq
-                elif peer.copies_bits and link != peer.return_link:
-                    self._note_carrier(peer, link, addr, seq)  # a slower link's packet: it carries too
-            if kind == TYPE_DATA:
-                session = peer.sessions.get(session_id)
-                if session is None:
-                    session = self._open_session(peer, session_id)
-                    if session is None:
+                type_flags, link, client_id, session_id, nonce = HEADER.unpack_from(buf, off)
+                peer = peers.get(client_id)
+                if peer is None:
+                    counters.add("unknown_client")
+                    continue
+                kind = type_flags & TYPE_MASK
+                if off and kind != TYPE_DATA:
+                    buf[:n] = view[off:off + n]  # control handlers read it at 0; off >= seg >= n
+                    off = 0
+                if kind == TYPE_HELLO:
+                    self._on_hello(peer, link, addr, n)
+                    continue
+                epoch = peer.epoch
+                tag = nonce >> SEQ_BITS
+                if epoch is None or epoch.tag != tag:
+                    epoch = peer.pending.get(tag)
+                    if epoch is None:
+                        counters.add("stale_epoch")
                         continue
-                session.packets += 1
-                try:
-                    session.sock.send(view[HEADER_SIZE:n - MAC_SIZE])
-                except BlockingIOError:
-                    counters.add("upstream_full")
-                except OSError as exc:  # ECONNREFUSED: the upstream is not listening (yet)
-                    self._socket_error("upstream", exc)
-            elif kind == TYPE_HEARTBEAT and n == OVERHEAD + HEARTBEAT_PAYLOAD.size:
-                self._echo(peer, link, addr)
-            else:
-                counters.add("bad_type")
+                seq = nonce & SEQ_MASK
+                if not epoch.window.fresh(seq):
+                    counters.add("duplicate" if epoch.window.seen(seq) else "replay")
+                    continue
+                end = off + n - MAC_SIZE
+                m = epoch.rx_mac.copy()
+                m.update(view[off:end])
+                if not compare_digest(m.digest(), view[end:end + MAC_SIZE]):
+                    counters.add("auth")
+                    continue
+                epoch.window.mark(seq)
+                if epoch is not peer.epoch:
+                    self._adopt_epoch(peer, epoch)
+                peer.packets += 1
+                if type_flags & FLAG_ACTIVE:
+                    if seq > peer.return_seq:
+                        if (addr != peer.return_addr or link != peer.return_link
+                                or type_flags & COPIES_MASK != peer.copies_bits):
+                            self._set_return_path(peer, link, addr, seq, type_flags & COPIES_MASK)
+                        peer.return_seq = seq
+                    elif peer.copies_bits and link != peer.return_link:
+                        self._note_carrier(peer, link, addr, seq)  # a slower link's packet: it carries too
+                if kind == TYPE_DATA:
+                    session = peer.sessions.get(session_id)
+                    if session is None:
+                        session = self._open_session(peer, session_id)
+                        if session is None:
+                            continue
+                    session.packets += 1
+                    try:
+                        session.sock.send(view[off + HEADER_SIZE:end])
+                    except BlockingIOError:
+                        counters.add("upstream_full")
+                    except OSError as exc:  # ECONNREFUSED: the upstream is not listening (yet)
+                        self._socket_error("upstream", exc)
+                elif kind == TYPE_HEARTBEAT and n == OVERHEAD + HEARTBEAT_PAYLOAD.size:
+                    self._echo(peer, link, addr)
+                else:
+                    counters.add("bad_type")
 
     def _open_session(self, peer: Peer, session_id: int) -> Optional[ServerSession]:
         if len(peer.sessions) >= self.config.max_sessions:
@@ -2248,12 +2457,21 @@ class Server:
     def _on_upstream_readable(self, session: ServerSession) -> None:
         sock = session.sock
         peer = session.peer
-        buf, view = self._buf, self._view
+        epoch = peer.epoch
+        if epoch is None or peer.return_addr is None:
+            self._drain_without_path(session)
+            return
+        # Replies are sealed in place in the batch and leave together (SendBatch);
+        # copies (redundancy) are the same bytes to each return address: the
+        # client takes the first to arrive, whichever socket it comes in on.
+        batch = self._batch
+        batch.aim(self.listen_sock, [peer.return_addr] + peer.extra_return_addrs, self._on_listen_send_error)
+        buf, view = batch.buf, batch.view
         while True:
             try:
-                n = sock.recv_into(self._payload_view)
+                n = sock.recv_into(batch.room())
             except BlockingIOError:
-                return
+                break
             except OSError as exc:  # ICMP port unreachable for an earlier send
                 self._socket_error("upstream", exc)
                 continue
@@ -2261,32 +2479,31 @@ class Server:
                 self.counters.add("oversize")
                 continue
             session.packets += 1
-            epoch, addr = peer.epoch, peer.return_addr
-            if epoch is None or addr is None:
-                self.counters.add("no_return_path")
-                continue
-            # The copies (redundancy) are the same bytes: the client takes the first
-            # to arrive, whichever socket it comes in on.
-            HEADER.pack_into(buf, 0, TYPE_DATA, peer.return_link, peer.client_id, session.id,
+            start = batch.end
+            HEADER.pack_into(buf, start, TYPE_DATA, peer.return_link, peer.client_id, session.id,
                              epoch.next_nonce())
-            end = HEADER_SIZE + n
+            end = start + HEADER_SIZE + n
             m = epoch.tx_mac.copy()
-            m.update(view[:end])
+            m.update(view[start:end])
             buf[end:end + MAC_SIZE] = m.digest()
-            packet = view[:end + MAC_SIZE]
+            batch.push(n + OVERHEAD)
+        batch.flush()
+
+    def _drain_without_path(self, session: ServerSession) -> None:
+        """Replies for a client whose return path is not known (yet, or any more): dropped."""
+        while True:
             try:
-                self.listen_sock.sendto(packet, addr)
+                session.sock.recv_into(self._payload_view)
             except BlockingIOError:
-                self.counters.add("tx_full")
+                return
             except OSError as exc:
-                self._socket_error("listen", exc)
-            for addr in peer.extra_return_addrs:
-                try:
-                    self.listen_sock.sendto(packet, addr)
-                except BlockingIOError:
-                    self.counters.add("tx_full")
-                except OSError as exc:
-                    self._socket_error("listen", exc)
+                self._socket_error("upstream", exc)
+                continue
+            session.packets += 1
+            self.counters.add("no_return_path")
+
+    def _on_listen_send_error(self, exc: OSError) -> None:
+        self._socket_error("listen", exc)
 
     # -- control ---------------------------------------------------------------
 

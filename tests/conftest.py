@@ -403,3 +403,18 @@ class NetNs:
 
     def close(self):
         subprocess.run(["ip", "netns", "del", self.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+# -- the slow scenarios on some Pythons only -----------------------------------
+
+
+def pytest_collection_modifyitems(config, items):
+    """MPUDP_SKIP_SLOW=1 (tox, for the Pythons between the oldest and the newest):
+    tests marked `slow` are skipped, with the reason shown by -ra."""
+    if os.environ.get("MPUDP_SKIP_SLOW") != "1":
+        return
+    skip = pytest.mark.skip(reason="slow scenario: tox runs these on the oldest and newest Python "
+                                   "(MPUDP_SKIP_SLOW=1 here)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -18,8 +18,6 @@ BENCH = os.path.join(ROOT, "bench", "bench.py")
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.skipif(os.environ.get("MPUDP_SKIP_BENCH_SMOKE") == "1",
-                    reason="tox runs the bench smoke on the oldest and newest Python only (MPUDP_SKIP_BENCH_SMOKE)")
 def test_bench_quick_json():
     proc = subprocess.run([sys.executable, BENCH, "--quick", "--json"], cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=300)

@@ -1112,6 +1112,7 @@ def flood_packets(pair, rng, n=400):
     return packets
 
 
+@pytest.mark.slow
 def test_flood_does_not_starve_legitimate_traffic(tapped_pair, tmp_path):
     legit_pps, flood_factor, flood_s = 200, 10, 3.0
     pair = tapped_pair()

@@ -506,7 +506,7 @@ def test_fwmark_without_permission_stops_the_start(tmp_path, host):
     assert len(failed) == 1, done.stderr
     assert " ERROR " in failed[0], failed
     assert failed[0].endswith("cannot start: link 1 (%s): fwmark 0x64: Operation not permitted "
-                              "(SO_MARK needs CAP_NET_ADMIN)" % remote), failed
+                              "(SO_MARK needs CAP_NET_ADMIN, or CAP_NET_RAW since Linux 5.17)" % remote), failed
 
 
 # -- 5. an interface that goes away, or is not there yet ------------------------------

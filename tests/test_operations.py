@@ -231,6 +231,7 @@ def test_sigusr1_logs_the_tables(relay_pair):
 # -- 3. SIGHUP with traffic flowing -----------------------------------------------
 
 
+@pytest.mark.slow
 def test_sighup_reload_under_traffic_loses_nothing(relay_pair, tmp_path):
     score = str(tmp_path / "score.json")
     pair = relay_pair(client={"score_file": score})
@@ -331,6 +332,7 @@ def test_sighup_refuses_invalid_and_restart_needing_configs(relay_pair):
 # -- 5. Server SIGHUP -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_server_sighup_new_upstream_for_new_sessions_only(relay_pair, cleanup_echo):
     pair = relay_pair(server={"heartbeat_timeout_sec": 2, "session_timeout_sec": 30})
     wait_running(pair.server)

@@ -573,6 +573,8 @@ def test_format_address():
     assert mpudp.format_address(None) == "-"
     assert mpudp.format_address(("1.2.3.4", 5000)) == "1.2.3.4:5000"
     assert mpudp.format_address(("::1", 5000, 0, 0)) == "[::1]:5000"
+    assert mpudp.format_address(("::ffff:192.0.2.1", 7, 0, 0)) == "192.0.2.1:7"  # dual-stack listen socket
+    assert mpudp.format_address(("::ffff:1:2", 7, 0, 0)) == "[::ffff:1:2]:7"
     # format and split are inverses for literal addresses
     for text in ("192.0.2.1:7", "[2001:db8::2]:65000"):
         host, port = mpudp.split_host_port(text)

@@ -487,6 +487,7 @@ def test_auto_adds_a_copy_while_the_active_link_loses(relay_pair, tmp_path, stre
 # ============================================================================
 
 
+@pytest.mark.slow
 def test_one_copy_by_default(relay_pair, tmp_path, streams):
     count = 300
     pair = pair_with_files(relay_pair, tmp_path)  # no redundancy key: the default, 1
@@ -522,6 +523,7 @@ def test_one_copy_by_default(relay_pair, tmp_path, streams):
 # ============================================================================
 
 
+@pytest.mark.slow
 def test_replies_go_back_on_both_links(relay_pair, tmp_path, streams):
     count = 300
     pair = pair_with_files(relay_pair, tmp_path, redundancy=2)

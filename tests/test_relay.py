@@ -774,6 +774,7 @@ def test_signals_stop_client_and_server_cleanly(relay_pair, sig):
 # -- 8. the demo -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_shows_echoes_and_a_switch():
     result = subprocess.run([sys.executable, MPUDP, "--demo", "--demo-seconds", "6"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, universal_newlines=True, timeout=6 + WAIT_S, cwd=ROOT)

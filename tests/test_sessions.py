@@ -185,6 +185,7 @@ def opened_session(pair, app_port, start_c, start_s):
     return sid, (LOOPBACK, int(m.group(1)))
 
 
+@pytest.mark.slow
 def test_idle_session_expires_on_both_sides_while_others_flow(relay_pair, cleanup):
     timeouts = {"session_timeout_sec": 1.0, "debug": True}
     pair = relay_pair(links=1, client=dict(timeouts), server=dict(timeouts))
@@ -305,6 +306,7 @@ def interleave(apps_and_dests, n):
         assert [d for d in round_trip(app, dest, tag + b"-barrier") if d not in want] == []
 
 
+@pytest.mark.slow
 def test_two_clients_own_upstreams_and_a_silent_one(tmp_path, cleanup):
     echoes = [EchoServer(), EchoServer()]
     for echo in echoes:
@@ -418,6 +420,7 @@ def _nothing_waiting(sock):
 # -- 4. mixed families: the traffic moves between an IPv4 and an IPv6 link ----------------
 
 
+@pytest.mark.slow
 @needs_ipv6
 @pytest.mark.parametrize("echo_host", ["127.0.0.1", "::1"], ids=["v4-upstream", "v6-upstream"])
 def test_switch_between_ipv4_and_ipv6_links_mid_stream(relay_pair, cleanup, echo_host):

@@ -310,6 +310,7 @@ def test_recovered_link_is_taken_back_only_when_steady_and_better(relay_pair, tm
 # ============================================================================
 
 
+@pytest.mark.slow
 def test_switches_to_a_clearly_better_link(relay_pair, tmp_path):
     pair = relay_pair(links=2, client=client_config(tmp_path))
     score = pair.client_cfg["score_file"]
@@ -755,6 +756,7 @@ def test_dns_failed_refresh_keeps_the_address_and_logs_once(inproc):
     assert client.links[0].addr == address
 
 
+@pytest.mark.slow
 def test_dns_hung_refresh_does_not_stall_forwarding(inproc):
     dns = StubDNS()
     relay = inproc(dns)
@@ -799,6 +801,7 @@ def test_dns_hung_first_lookup_does_not_stall_the_other_link(inproc):
 # ============================================================================
 
 
+@pytest.mark.slow
 def test_recovered_link_needs_recovery_answers_intervals_to_be_steady(inproc):
     """RECOVERY_ANSWERS answers a heartbeat interval apart, not fast probes (and not stale probes'
     timeouts) make a recovered link steady again: a flapping link is not chosen."""
@@ -878,6 +881,7 @@ def test_loss_direction_survives_a_new_epoch(inproc):
     assert health.loss_down() > 0.2
 
 
+@pytest.mark.slow
 def test_link_back_at_once_after_down_is_not_steady_sooner(inproc):
     """A link that comes back just as it is declared down: the answers to the fast probes sent
     around that moment (and to the fast probe still scheduled) come within ~0.1 s and must not
