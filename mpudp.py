@@ -1160,15 +1160,16 @@ class SendBatch:
     """
 
     __slots__ = ("buf", "view", "end", "count", "seg", "enabled", "max_seg", "sock", "addrs", "on_error",
-                 "counters", "sent_bytes", "gso_sends")
+                 "counters", "full", "sent_bytes", "gso_sends")
 
-    def __init__(self, counters: Counters) -> None:
+    def __init__(self, counters: Counters, full: str = "tx_full") -> None:
         self.buf = bytearray(GSO_MAX_BYTES + RECV_BUFFER_SIZE)
         self.view = memoryview(self.buf)
         self.end = self.count = self.seg = 0
         self.enabled = GSO_AVAILABLE
         self.max_seg = MAX_UDP_PAYLOAD  # lowered when the kernel refuses a segment size
         self.counters = counters
+        self.full = full  # the counter of packets dropped because the socket's buffer was full
         self.sock = None  # type: Optional[socket.socket]
         self.addrs = ()  # type: Sequence[tuple]
         self.on_error = None  # type: Optional[Callable[[OSError], None]]
@@ -1180,6 +1181,12 @@ class SendBatch:
         if self.count:
             self.flush()
         self.sock, self.addrs, self.on_error = sock, addrs, on_error
+
+    def append(self, payload: memoryview) -> None:
+        """Copy a payload in as the next packet (when it is not received in place)."""
+        end = self.end
+        self.buf[end:end + len(payload)] = payload
+        self.push(len(payload))
 
     def room(self) -> memoryview:
         """Where the next packet's payload is received: after its header, at `end`."""
@@ -1223,7 +1230,7 @@ class SendBatch:
                     self.gso_sends += 1
                 self.sent_bytes += end
             except BlockingIOError:
-                self.counters.add("tx_full", count)
+                self.counters.add(self.full, count)
             except OSError as exc:
                 if count > 1 and exc.errno in GSO_REFUSED_ERRNOS:
                     self._refused(exc, packets, addr)
@@ -1241,7 +1248,7 @@ class SendBatch:
                 self.sock.sendto(packets[start:start + self.seg], addr)
                 self.sent_bytes += len(packets[start:start + self.seg])
             except BlockingIOError:
-                self.counters.add("tx_full")
+                self.counters.add(self.full)
             except OSError as exc:
                 self.on_error(exc)
                 return
@@ -1406,11 +1413,12 @@ class ClientLink:
 class ClientSession:
     """One local application (source ip, port) and its session id on the wire."""
 
-    __slots__ = ("id", "addr", "packets", "seen_packets", "last_active")
+    __slots__ = ("id", "addr", "targets", "packets", "seen_packets", "last_active")
 
     def __init__(self, session_id: int, addr: tuple, now: float) -> None:
         self.id = session_id
         self.addr = addr
+        self.targets = (addr,)  # as SendBatch.aim takes it
         self.packets = 0
         self.seen_packets = 0
         self.last_active = now
@@ -1451,6 +1459,8 @@ class Client:
         self._payload_view = self._view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
         self._ctl = bytearray(OVERHEAD + 64)  # control packets, so they never clobber _buf
         self._batch = SendBatch(self.counters)  # packets from local applications, sealed for a link
+        self._app_batch = SendBatch(self.counters, "local_full")  # payloads for one local application
+        self._app_batch_session = None  # type: Optional[ClientSession]
         self._bufs = [self._view]  # for recvmsg_into
         self.listen_sock = None  # type: Optional[socket.socket]
 
@@ -1690,6 +1700,15 @@ class Client:
     # -- data path: link -> local application ---------------------------------
 
     def _on_link_readable(self, link: ClientLink) -> None:
+        # Payloads for the applications are gathered, a batch per session in a
+        # row, and sent when the drain ends.
+        try:
+            self._drain_link_socket(link)
+        finally:
+            self._app_batch.flush()
+            self._app_batch_session = None
+
+    def _drain_link_socket(self, link: ClientLink) -> None:
         sock = link.sock
         buf, view = self._buf, self._view
         client_id = self.config.client_id
@@ -1757,12 +1776,14 @@ class Client:
             self.counters.add("no_session")
             return
         session.packets += 1
-        try:
-            self.listen_sock.sendto(payload, session.addr)
-        except BlockingIOError:
-            self.counters.add("local_full")
-        except OSError as exc:
-            self._socket_error("listen", exc)
+        batch = self._app_batch
+        if session is not self._app_batch_session:
+            batch.aim(self.listen_sock, session.targets, self._on_listen_send_error)
+            self._app_batch_session = session
+        batch.append(payload)
+
+    def _on_listen_send_error(self, exc: OSError) -> None:
+        self._socket_error("listen", exc)
 
     def _socket_error(self, what: str, exc: OSError) -> None:
         self.counters.add("%s_errors" % what)
@@ -2234,12 +2255,13 @@ def log_counter_summary(log: Log, who: str, counters: Counters, last: Optional[D
 class ServerSession:
     """One (client, session id): the upstream socket that stands for one local application."""
 
-    __slots__ = ("id", "peer", "sock", "packets", "seen_packets", "last_active")
+    __slots__ = ("id", "peer", "sock", "upstream", "packets", "seen_packets", "last_active")
 
-    def __init__(self, session_id: int, peer: "Peer", sock: socket.socket, now: float) -> None:
+    def __init__(self, session_id: int, peer: "Peer", sock: socket.socket, upstream: tuple, now: float) -> None:
         self.id = session_id
         self.peer = peer
-        self.sock = sock
+        self.sock = sock  # connected to the upstream
+        self.upstream = (upstream,)  # its address, as SendBatch.aim takes it
         self.packets = 0
         self.seen_packets = 0
         self.last_active = now
@@ -2293,6 +2315,7 @@ class Server:
         self._payload_view = self._view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
         self._ctl = bytearray(OVERHEAD + 64)
         self._batch = SendBatch(self.counters)  # replies from upstreams, sealed for the client
+        self._upstream_batch = SendBatch(self.counters, "upstream_full")  # payloads for one upstream socket
         self._bufs = [self._view]  # for recvmsg_into
         self._gro = False
         self._cookie_secret = os.urandom(KEY_SIZE)
@@ -2341,11 +2364,20 @@ class Server:
     # -- data path: link -> upstream -------------------------------------------
 
     def _on_listen_readable(self) -> None:
+        # Payloads for the upstream are gathered too, a batch per session
+        # socket in a row, and sent when the drain ends.
+        try:
+            self._drain_listen_socket()
+        finally:
+            self._upstream_batch.flush()
+
+    def _drain_listen_socket(self) -> None:
         sock = self.listen_sock
         buf, view = self._buf, self._view
         peers = self.peers
         counters = self.counters
         gro = self._gro
+        upstream_batch, batch_session = self._upstream_batch, None
         while True:
             try:
                 if gro:  # several datagrams of one client link may come as one (GRO_NOTE)
@@ -2412,12 +2444,10 @@ class Server:
                         if session is None:
                             continue
                     session.packets += 1
-                    try:
-                        session.sock.send(view[off + HEADER_SIZE:end])
-                    except BlockingIOError:
-                        counters.add("upstream_full")
-                    except OSError as exc:  # ECONNREFUSED: the upstream is not listening (yet)
-                        self._socket_error("upstream", exc)
+                    if session is not batch_session:
+                        upstream_batch.aim(session.sock, session.upstream, self._on_upstream_send_error)
+                        batch_session = session
+                    upstream_batch.append(view[off + HEADER_SIZE:end])
                 elif kind == TYPE_HEARTBEAT and n == OVERHEAD + HEARTBEAT_PAYLOAD.size:
                     self._echo(peer, link, addr)
                 else:
@@ -2440,7 +2470,7 @@ class Server:
         except OSError as exc:
             self._socket_error("upstream", exc)
             return None
-        session = ServerSession(session_id, peer, sock, self.reactor.time())
+        session = ServerSession(session_id, peer, sock, upstream.addr, self.reactor.time())
         peer.sessions[session_id] = session
         self.reactor.add_reader(sock, lambda: self._on_upstream_readable(session))
         self.log.debug("client %d: session %08x opened, upstream %s from %s" % (
@@ -2504,6 +2534,9 @@ class Server:
 
     def _on_listen_send_error(self, exc: OSError) -> None:
         self._socket_error("listen", exc)
+
+    def _on_upstream_send_error(self, exc: OSError) -> None:
+        self._socket_error("upstream", exc)  # ECONNREFUSED: the upstream is not listening (yet)
 
     # -- control ---------------------------------------------------------------
 

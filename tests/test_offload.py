@@ -244,8 +244,9 @@ def test_gro_segment_size_reads_the_control_message():
 @linux_offload
 def test_a_burst_through_the_relay_arrives_whole_and_in_order():
     """64 datagrams at once from an application: the client seals them into one batch for
-    the link, the server takes them in with one coalesced receive, the replies go back the
-    same way; the application gets each reply once, in order."""
+    the link, the server takes them in with one coalesced receive and hands them to the
+    upstream in one call, the replies go back the same way; the application gets each
+    reply once, in order."""
     from test_hostile import Rig
 
     rig = Rig()
@@ -265,7 +266,45 @@ def test_a_burst_through_the_relay_arrives_whole_and_in_order():
         assert rig.settle(all_back), "%d of %d replies" % (len(got), len(sent))
         assert got == sent
         assert rig.upstream_seen == sent
+        # Each hop batched: app -> link (client), link -> upstream and upstream -> link
+        # (server), link -> app (client).
         assert rig.client._batch.gso_sends >= 1 and rig.server._batch.gso_sends >= 1
+        assert rig.server._upstream_batch.gso_sends >= 1 and rig.client._app_batch.gso_sends >= 1
         assert rig.server.counters.get("auth", 0) == 0 and rig.client.counters.get("auth", 0) == 0
     finally:
+        rig.close()
+
+
+@linux_offload
+def test_interleaved_bursts_of_two_applications_stay_apart():
+    """Two applications' datagrams alternate in one burst: a batch holds one session's
+    packets in a row, so every change of session sends what was gathered; each application
+    gets exactly its own replies, in order."""
+    from test_hostile import Rig, udp_socket
+
+    rig = Rig()
+    other = udp_socket(blocking=False)
+    try:
+        apps = [rig.app, other]
+        sent = {0: [], 1: []}
+        for i in range(40):
+            which = (i // 3) % 2  # runs of three from each
+            payload = b"app%d-%03d-" % (which, i) + b"y" * 500
+            sent[which].append(payload)
+            apps[which].sendto(payload, rig.client_addr)
+        got = {0: [], 1: []}
+
+        def all_back():
+            for which, app in enumerate(apps):
+                while True:
+                    try:
+                        got[which].append(app.recv(65536))
+                    except BlockingIOError:
+                        break
+            return all(len(got[w]) >= len(sent[w]) for w in got)
+
+        assert rig.settle(all_back), {w: len(got[w]) for w in got}
+        assert got == sent
+    finally:
+        other.close()
         rig.close()
