@@ -1203,9 +1203,12 @@ class SendBatch:
         if not self.count:
             self.seg = seg = length
         self.count += 1
-        self.end = end + length
-        if length < seg or not self.enabled or seg > self.max_seg:
-            self.flush()  # a shorter packet ends a batch; or it goes alone anyway
+        self.end = end = end + length
+        if (length < seg or not self.enabled or seg > self.max_seg
+                or end + seg > GSO_MAX_BYTES or self.count == GSO_MAX_SEGMENTS):
+            # A shorter packet ends a batch, a full one goes, or it goes alone anyway.
+            # So `end` stays within GSO_MAX_BYTES and room() always holds a whole datagram.
+            self.flush()
 
     def discard(self) -> int:
         """Forget the batch (its socket is gone); how many packets it held."""

@@ -155,6 +155,43 @@ class EchoServer:
         self.sock.close()
 
 
+# -- score_file / status_file ------------------------------------------------
+
+JSON_POLL_S = 0.05  # how often a test re-reads a status file (rewritten about once a second)
+
+
+def read_json(path):
+    """The parsed file, or None before its first write (it is replaced atomically: never half written)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def wait_json(path, predicate, what, timeout=WAIT_S):
+    """The first content of the JSON file at `path` for which predicate(data) holds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        data = read_json(path)
+        if data is not None:
+            last = data
+            if predicate(data):
+                return data
+        if time.monotonic() >= deadline:
+            raise AssertionError("%s never showed %s within %ss; last content:\n%s" % (
+                os.path.basename(path), what, timeout, json.dumps(last, indent=1)))
+        time.sleep(JSON_POLL_S)  # a file has no change notification: poll it
+
+
+def active_index(status):
+    """The index of the client's one active link in a score_file's content."""
+    active = [link["index"] for link in status["links"] if link["active"]]
+    assert len(active) == 1, "exactly one link must be active: %r" % status["links"]
+    return active[0]
+
+
 # -- mpudp processes ---------------------------------------------------------
 
 

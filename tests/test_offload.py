@@ -113,6 +113,18 @@ def test_a_batch_holds_at_most_64_segments_and_one_datagram_of_bytes():
     assert b"".join(data for _kind, data, _seg, _addr in sock.sent) == b"".join(bytes([i]) * 1400 for i in range(50))
 
 
+def test_there_is_always_room_for_the_largest_datagram():
+    """Whatever was batched, the next receive can take a whole datagram (never truncated)."""
+    sock = RecordingSocket()
+    batch, _ = batch_for(sock)
+    for size in (65000, mpudp.MAX_UDP_PAYLOAD, 100, 100, 64000, 1200, 1200, 1200):
+        assert len(batch.room()) == mpudp.MAX_DATA_PAYLOAD + 1, (size, batch.end)
+        put(batch, b"z" * size)
+    batch.flush()
+    assert b"".join(data for _kind, data, _seg, _addr in sock.sent) == b"".join(
+        b"z" * size for size in (65000, mpudp.MAX_UDP_PAYLOAD, 100, 100, 64000, 1200, 1200, 1200))
+
+
 def test_every_address_gets_the_batch():
     sock = RecordingSocket()
     batch = mpudp.SendBatch(mpudp.Counters())

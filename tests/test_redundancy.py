@@ -26,7 +26,6 @@ Figures are printed with `pytest -s`.
 """
 
 import collections
-import json
 import os
 import re
 import struct
@@ -41,9 +40,8 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 import mpudp  # noqa: E402
-from conftest import WAIT_S  # noqa: E402
+from conftest import WAIT_S, active_index, read_json, wait_json  # noqa: E402
 
-STATUS_POLL_S = 0.05  # how often a test re-reads a score_file / status_file
 SEQ = struct.Struct("!4sI")  # the stream's datagrams start with a 4-byte tag and a number
 
 
@@ -103,41 +101,10 @@ def assert_no_internal_error(pair):
 # -- score_file and status_file -----------------------------------------------
 
 
-def read_json(path):
-    """The parsed file, or None before its first write (it is replaced atomically)."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-
-
-def wait_json(path, predicate, what, timeout=WAIT_S):
-    """The first content of the JSON file at `path` for which predicate(data) holds."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        data = read_json(path)
-        if data is not None:
-            last = data
-            if predicate(data):
-                return data
-        if time.monotonic() >= deadline:
-            raise AssertionError("%s never showed %s within %ss; last content:\n%s" % (
-                os.path.basename(path), what, timeout, json.dumps(last, indent=1)))
-        time.sleep(STATUS_POLL_S)  # a file has no change notification: poll it
-
-
 def fresh_json(path, predicate=lambda data: True, what="a fresh write", timeout=WAIT_S):
     """The first content written after now (its "time" field) for which predicate(data) holds."""
     after = time.time()
     return wait_json(path, lambda d: d["time"] > after and predicate(d), what, timeout)
-
-
-def active_index(score):
-    active = [link["index"] for link in score["links"] if link["active"]]
-    assert len(active) == 1, "exactly one link must be active: %r" % score["links"]
-    return active[0]
 
 
 def settled(score):

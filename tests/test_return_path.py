@@ -176,12 +176,17 @@ def test_copies_go_upstream_once_and_replies_come_back_on_every_carrier(bench):
     assert first[mpudp.HEADER_SIZE:-mpudp.MAC_SIZE] == b"reply"
 
 
-def test_return_links_follow_the_newest_active_packets(bench):
+def carry_on_links_0_and_1(bench):
+    """The client starts sending copies on links 0 and 1: the server answers on both."""
     before = bench.taken()
     bench.announce([0, 1])
     bench.send_data([0, 1], b"a")
     bench.settle(before + 4)
     assert return_links(bench) == [0, 1]
+
+
+def test_return_links_follow_the_newest_active_packets(bench):
+    carry_on_links_0_and_1(bench)
     # The client's carriers become links 1 and 2 (link 0 died): a heartbeat on the new
     # one, data on both.  Link 0's last ACTIVE packet is now the oldest.
     before = bench.taken()
@@ -193,11 +198,7 @@ def test_return_links_follow_the_newest_active_packets(bench):
 
 
 def test_one_copy_again_means_one_return_link(bench):
-    before = bench.taken()
-    bench.announce([0, 1])
-    bench.send_data([0, 1], b"a")
-    bench.settle(before + 4)
-    assert return_links(bench) == [0, 1]
+    carry_on_links_0_and_1(bench)
     before = bench.taken()
     bench.send_data([1], b"b")  # redundancy over: copies 1, on link 1
     bench.settle(before + 1)

@@ -30,11 +30,11 @@ if _HERE not in sys.path:
 
 import mpudp  # noqa: E402
 from conftest import WAIT_S, EchoServer, keypair  # noqa: E402
+from conftest import active_index, wait_json as wait_score  # noqa: E402
 from linkemu import LinkEmulator  # noqa: E402
 
 LINK_FIELDS = ("index", "address", "state", "srtt_ms", "rttvar_ms", "jitter_ms", "loss", "loss_up",
                "loss_down", "score", "kbps", "active", "switches")
-SCORE_POLL_S = 0.05  # how often a test re-reads the score_file (it is rewritten about once a second)
 
 
 # -- log lines ---------------------------------------------------------------
@@ -75,41 +75,9 @@ def switch_lines(pair, start=0):
 # -- score_file --------------------------------------------------------------
 
 
-def read_score(path):
-    """The parsed score_file, or None before the first write."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        return None
-    return json.loads(text)  # the file is replaced atomically: never half written
-
-
-def wait_score(path, predicate, what, timeout=WAIT_S):
-    """The first score_file content for which predicate(data) is true; fails after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        data = read_score(path)
-        if data is not None:
-            last = data
-            if predicate(data):
-                return data
-        if time.monotonic() >= deadline:
-            raise AssertionError("score_file never showed %s within %ss; last content:\n%s" % (
-                what, timeout, json.dumps(last, indent=1)))
-        time.sleep(SCORE_POLL_S)  # a file has no change notification: poll it
-
-
 def fresh_score(path, after, predicate=lambda data: True, what="a fresh write", timeout=WAIT_S):
     """The first score_file written after wall-clock time `after` (its "time" field)."""
     return wait_score(path, lambda d: d["time"] > after and predicate(d), what, timeout)
-
-
-def active_index(data):
-    active = [link["index"] for link in data["links"] if link["active"]]
-    assert len(active) == 1, "exactly one link must be active: %r" % data["links"]
-    return active[0]
 
 
 def settle(path):
