@@ -1396,6 +1396,7 @@ class ClientLink:
         self.waiting = ""  # why the link has no socket yet ("" if it has one, or no address yet)
         self.gro = False  # its socket takes coalesced receives (GRO_NOTE)
         self.carrier = False  # data goes out on this link (the active one, and more with redundancy)
+        self.on_send_error = None  # type: Optional[Callable[[OSError], None]]  # set by the Client
         self.cookie = bytes(NONCE_SIZE)  # the server's cookie for the HELLO nonce, on this path
         self.hb_seq = 0
         self.hb_timer = None  # type: Optional[Timer]
@@ -1437,9 +1438,7 @@ class Client:
         self.resolver = resolver
         self.counters = Counters()
         self.static = StaticKeys(config.static_secret)
-        self.links = [ClientLink(i, spec, self._on_address_change, config.max_consecutive_fail,
-                                 recovery_hold_s(config))
-                      for i, spec in enumerate(config.links)]
+        self.links = [self._make_link(i, spec, config) for i, spec in enumerate(config.links)]
         self.policy = SwitchPolicy(config.switch_threshold, config.throughput_threshold_kbps,
                                    max(MIN_DWELL_FLOOR_S, MIN_DWELL_HEARTBEATS * config.heartbeat_interval_s))
         self.active = None  # type: Optional[ClientLink]
@@ -1481,7 +1480,7 @@ class Client:
         for link in self.links:
             if link.addr is not None:
                 self._open_link_socket(link, at_start=True)
-            elif link.spec.socket_options != ("", "", 0):
+            elif link.spec.bound:
                 self._probe_link_options(link)
             link.endpoint.start(self.reactor, self.resolver, self.log, cfg.dns_refresh_interval_s)
             link.next_hb_at = now
@@ -1625,7 +1624,7 @@ class Client:
         carriers = self.carriers
         if len(carriers) == 1:
             link = carriers[0]
-            batch.aim(link.sock, (link.endpoint.addr,), lambda exc: self._link_error(link, exc))
+            batch.aim(link.sock, (link.endpoint.addr,), link.on_send_error)
         tx_before = batch.sent_bytes
         while True:
             try:
@@ -2066,7 +2065,7 @@ class Client:
                 "carrier": link.carrier,
                 "switches": link.switches,
             })
-            if link.spec.socket_options != ("", "", 0):
+            if link.spec.bound:
                 links[-1]["via"] = describe_link_binding(link.spec)
             if link.waiting:
                 links[-1]["waiting"] = link.waiting
@@ -2128,9 +2127,14 @@ class Client:
         self._periodic[1].interval = self._sweep_interval()
         self._evaluate_now(now)
 
+    def _make_link(self, index: int, spec: "LinkConfig", config: "ClientConfig") -> ClientLink:
+        link = ClientLink(index, spec, self._on_address_change, config.max_consecutive_fail,
+                          recovery_hold_s(config))
+        link.on_send_error = lambda exc: self._link_error(link, exc)  # made once: the data path passes it
+        return link
+
     def _new_link(self, index: int, spec: "LinkConfig") -> ClientLink:
-        link = ClientLink(index, spec, self._on_address_change, self.config.max_consecutive_fail,
-                          recovery_hold_s(self.config))
+        link = self._make_link(index, spec, self.config)
         if link.addr is not None:
             self._open_link_socket(link)
         link.endpoint.start(self.reactor, self.resolver, self.log, self.config.dns_refresh_interval_s)
@@ -2285,7 +2289,7 @@ class Peer:
         self.return_link = 0
         self.return_seq = 0  # the newest ACTIVE packet; older ones never move the path back
         self.copies_bits = 0  # that packet's COPIES field
-        self.extra_return_addrs = []  # type: List[tuple]  # replies' copies, with redundancy
+        self.return_addrs = []  # type: List[tuple]  # every reply goes to each: return_addr first
         self.return_links = ()  # type: Tuple[Tuple[int, tuple], ...]  # (link, address), for logs and status
         self.carrier_paths = {}  # type: Dict[int, Tuple[tuple, int]]  # link -> (address, newest ACTIVE seq)
         self.heartbeats = {}  # type: Dict[int, List[int]]  # link -> [last seq, bitmap]
@@ -2498,7 +2502,7 @@ class Server:
         # copies (redundancy) are the same bytes to each return address: the
         # client takes the first to arrive, whichever socket it comes in on.
         batch = self._batch
-        batch.aim(self.listen_sock, [peer.return_addr] + peer.extra_return_addrs, self._on_listen_send_error)
+        batch.aim(self.listen_sock, peer.return_addrs, self._on_listen_send_error)
         buf, view = batch.buf, batch.view
         while True:
             try:
@@ -2620,9 +2624,7 @@ class Server:
         had_path = peer.return_addr is not None
         peer.return_addr, peer.return_link = addr, link
         if copies_bits == peer.copies_bits and (link, addr) in peer.return_links:
-            # With redundancy the link of the newest copy alternates: same links, new first one.
-            peer.extra_return_addrs = [a for l, a in peer.return_links if l != link]
-            return
+            return  # with redundancy the link of the newest copy alternates: the same links
         peer.copies_bits = copies_bits
         self._rank_return_links(peer, had_path)
 
@@ -2644,7 +2646,7 @@ class Server:
             del paths[next(iter(paths))]
         copies = (peer.copies_bits >> COPIES_SHIFT) + 1
         others = sorted((l for l in paths if l != link), key=lambda l: paths[l][1], reverse=True)[:copies - 1]
-        peer.extra_return_addrs = [paths[l][0] for l in others]
+        peer.return_addrs = [peer.return_addr] + [paths[l][0] for l in others]
         links = tuple(sorted([(link, peer.return_addr)] + [(l, paths[l][0]) for l in others]))
         if links == peer.return_links:
             return
@@ -2699,7 +2701,7 @@ class Server:
             elif (peer.return_addr is not None and peer.last_heard is not None
                   and now - peer.last_heard >= self.config.heartbeat_timeout_s):
                 peer.return_addr = None
-                peer.extra_return_addrs, peer.return_links, peer.carrier_paths = [], (), {}
+                peer.return_addrs, peer.return_links, peer.carrier_paths = [], (), {}
                 self.log.info("client %d silent for %.0fs: return path dropped" % (
                     peer.client_id, now - peer.last_heard))
             for session in list(peer.sessions.values()):
@@ -2915,6 +2917,11 @@ class LinkConfig:
         self.bind_interface = bind_interface
         self.bind_addr = bind_addr  # (text, family, sockaddr) or None: any address, any port
         self.fwmark = fwmark
+
+    @property
+    def bound(self) -> bool:
+        """Any of bind_interface, bind_addr, fwmark set."""
+        return self.socket_options != ("", "", 0)
 
     @property
     def socket_options(self) -> tuple:

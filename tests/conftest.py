@@ -155,6 +155,23 @@ class EchoServer:
         self.sock.close()
 
 
+# -- paced traffic -------------------------------------------------------------
+
+
+def paced(interval, stop):
+    """Yield at once, then every `interval` seconds until the threading.Event `stop` is set.
+    A sender that fell behind goes on from now: it never bursts to catch up."""
+    next_at = time.monotonic()
+    while not stop.is_set():
+        yield
+        next_at += interval
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            stop.wait(delay)  # pacing, not waiting for an event
+        else:
+            next_at = time.monotonic()
+
+
 # -- score_file / status_file ------------------------------------------------
 
 JSON_POLL_S = 0.05  # how often a test re-reads a status file (rewritten about once a second)

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import MPUDP, ROOT, WAIT_S, EchoServer, addr_text, keypair, write_config
+from conftest import MPUDP, ROOT, WAIT_S, EchoServer, addr_text, keypair, paced, write_config
 
 
 # -- helpers -------------------------------------------------------------------
@@ -86,18 +86,11 @@ class Streamer:
         return self
 
     def _send(self):
-        n = 0
-        next_at = time.monotonic()
-        while not self._stop_sending.is_set():
+        for n, _ in enumerate(paced(self.interval, self._stop_sending)):
             payload = b"seq %08d" % n
             with self.cond:
                 self.sent.append(payload)
             self.sock.sendto(payload, self.pair.client_address)
-            n += 1
-            next_at += self.interval
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
 
     def _receive(self):
         while not self._stop_receiving.is_set():

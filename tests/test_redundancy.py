@@ -40,7 +40,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 import mpudp  # noqa: E402
-from conftest import WAIT_S, active_index, read_json, wait_json  # noqa: E402
+from conftest import WAIT_S, active_index, paced, read_json, wait_json  # noqa: E402
 
 SEQ = struct.Struct("!4sI")  # the stream's datagrams start with a 4-byte tag and a number
 
@@ -160,10 +160,7 @@ class Stream:
         return SEQ.pack(self.tag, seq) + self.padding
 
     def _send_loop(self):
-        next_at = time.monotonic()
-        for seq in range(1, self.count + 1):
-            if self._stop.is_set():
-                return
+        for seq, _ in zip(range(1, self.count + 1), paced(self.interval, self._stop)):
             try:
                 self.sock.sendto(self.payload(seq), self.pair.client_address)
             except OSError:
@@ -171,12 +168,6 @@ class Stream:
             with self.cond:
                 self.sent = seq
                 self.cond.notify_all()
-            next_at += self.interval
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                self._stop.wait(delay)  # pacing, not waiting for an event
-            else:
-                next_at = time.monotonic()  # fell behind: do not burst
 
     def _receive_loop(self):
         while not self._stop.is_set():

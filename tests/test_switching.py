@@ -30,7 +30,7 @@ if _HERE not in sys.path:
 
 import mpudp  # noqa: E402
 from conftest import WAIT_S, EchoServer, keypair  # noqa: E402
-from conftest import active_index, wait_json as wait_score  # noqa: E402
+from conftest import active_index, paced, wait_json as wait_score  # noqa: E402
 from linkemu import LinkEmulator  # noqa: E402
 
 LINK_FIELDS = ("index", "address", "state", "srtt_ms", "rttvar_ms", "jitter_ms", "loss", "loss_up",
@@ -120,22 +120,13 @@ class Stream:
 
     def _send_loop(self):
         padding = b"x" * (self.size - 4)
-        next_at = time.monotonic()
-        seq = 0
-        while not self._stop.is_set():
-            seq += 1
+        for seq, _ in enumerate(paced(self.interval, self._stop), 1):
             try:
                 self.sock.sendto(struct.pack("!I", seq) + padding, self.pair.client_address)
             except OSError:
                 pass
             with self.cond:
                 self.sent = seq
-            next_at += self.interval
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                self._stop.wait(delay)  # pacing, not waiting for an event
-            else:
-                next_at = time.monotonic()  # fell behind: do not burst
 
     def _receive_loop(self):
         while not self._stop.is_set():
