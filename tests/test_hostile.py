@@ -1246,8 +1246,16 @@ def test_route_vanishes_enetunreach_in_a_netns(tmp_path):
 
         server, client, app = ns.inside(setup)
         client.wait_for_line("handshake done")
+        # At start the first link to answer may carry traffic until the preferred one is
+        # steady: wait for the client to hand it to link 1 (the server's log alone can show
+        # link 1 first, from the start-up heartbeat, before link 0 took over).
+        def link_1_carries():
+            lines = [line for line in client.lines if "first link up:" in line or " switch link " in line]
+            return bool(lines) and ("-> link 1 (" in lines[-1] or "first link up: link 1 (" in lines[-1])
+
+        with client.cond:
+            assert client.cond.wait_for(link_1_carries, WAIT_S), client.output()
         app.probe("via-link-1")
-        # At start the first link to answer may carry traffic until the preferred one is steady.
         assert wait_for_last(server, ("return path link", "replies now go by link"), "link 1 ")
 
         mark_client, mark_server = len(client.lines), len(server.lines)
