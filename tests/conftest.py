@@ -64,11 +64,44 @@ def keypair():
     return mpudp.encode_key(private), mpudp.encode_key(mpudp.public_key(private))
 
 
+def _ephemeral_low():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_PORTS_GIVEN = set()
+_PORT_RANDOM = random.Random()  # its own: a test that seeds `random` must not fix the ports
+
+
 def free_udp_port(host="127.0.0.1"):
+    """A UDP port free now on `host`, for a process the test starts later.
+
+    Taken below the kernel's ephemeral range where there is one, so that the
+    sockets that bind port 0 meanwhile (link sockets, upstream sockets) cannot
+    take it before its process binds it; never the same one twice in a run."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    low = _EPHEMERAL_LOW
+    for _ in range(100):
+        if low and low > 12000:
+            port = _PORT_RANDOM.randrange(10000, low)
+        else:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        if port in _PORTS_GIVEN:
+            continue
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.bind((host, port))
+        except OSError:
+            continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise AssertionError("no free UDP port found on %s" % host)
 
 
 def addr_text(host, port):
