@@ -1155,17 +1155,23 @@ class SendBatch:
     The data paths seal each packet in place at `end` (`room()` is where the next
     payload is received), then `push` it; a batch goes out when the next packet
     does not fit, when it is full, and at the end of every drain (`flush`), so a
-    packet never waits for a later one: at light load every batch is one packet,
-    sent with a plain sendto.
+    packet never waits for a later one.
+
+    The first packet after `aim` (every drain aims before its first packet)
+    leaves at once with a plain sendto, and an appended one uncopied.  At light
+    load it is the drain's only packet: it then neither waits for the drain's
+    last recv (the EAGAIN) nor pays for the batch's bookkeeping.  The packets
+    behind it were queued while it was handled: they are the batch.
     """
 
-    __slots__ = ("buf", "view", "end", "count", "seg", "enabled", "max_seg", "sock", "addrs", "on_error",
-                 "counters", "full", "sent_bytes", "gso_sends")
+    __slots__ = ("buf", "view", "end", "count", "seg", "eager", "enabled", "max_seg", "sock", "addrs",
+                 "on_error", "counters", "full", "sent_bytes", "gso_sends")
 
     def __init__(self, counters: Counters, full: str = "tx_full") -> None:
         self.buf = bytearray(GSO_MAX_BYTES + RECV_BUFFER_SIZE)
         self.view = memoryview(self.buf)
         self.end = self.count = self.seg = 0
+        self.eager = True  # the next packet goes at once
         self.enabled = GSO_AVAILABLE
         self.max_seg = MAX_UDP_PAYLOAD  # lowered when the kernel refuses a segment size
         self.counters = counters
@@ -1181,9 +1187,15 @@ class SendBatch:
         if self.count:
             self.flush()
         self.sock, self.addrs, self.on_error = sock, addrs, on_error
+        self.eager = True
 
     def append(self, payload: memoryview) -> None:
-        """Copy a payload in as the next packet (when it is not received in place)."""
+        """Copy a payload in as the next packet (when it is not received in place);
+        the first after `aim` is sent from where it is, uncopied."""
+        if self.eager:
+            self.eager = False
+            self._send_one(payload)
+            return
         end = self.end
         self.buf[end:end + len(payload)] = payload
         self.push(len(payload))
@@ -1204,9 +1216,9 @@ class SendBatch:
             self.seg = seg = length
         self.count += 1
         self.end = end = end + length
-        if (length < seg or not self.enabled or seg > self.max_seg
+        if (self.eager or length < seg or not self.enabled or seg > self.max_seg
                 or end + seg > GSO_MAX_BYTES or self.count == GSO_MAX_SEGMENTS):
-            # A shorter packet ends a batch, a full one goes, or it goes alone anyway.
+            # The first goes at once, a shorter packet ends a batch, a full one goes, or it goes alone anyway.
             # So `end` stays within GSO_MAX_BYTES and room() always holds a whole datagram.
             self.flush()
 
@@ -1222,23 +1234,35 @@ class SendBatch:
         if not count:
             return
         self.count = self.end = 0
+        self.eager = False
         packets = self.view[:end]
+        if count == 1:
+            self._send_one(packets)
+            return
+        segment_size = [(socket.IPPROTO_UDP, UDP_SEGMENT, SEGMENT_SIZE.pack(self.seg))]
         for addr in self.addrs:
             try:
-                if count == 1:
-                    self.sock.sendto(packets, addr)
-                else:
-                    self.sock.sendmsg([packets], [(socket.IPPROTO_UDP, UDP_SEGMENT, SEGMENT_SIZE.pack(self.seg))],
-                                      0, addr)
-                    self.gso_sends += 1
+                self.sock.sendmsg([packets], segment_size, 0, addr)
+                self.gso_sends += 1
                 self.sent_bytes += end
             except BlockingIOError:
                 self.counters.add(self.full, count)
             except OSError as exc:
-                if count > 1 and exc.errno in GSO_REFUSED_ERRNOS:
+                if exc.errno in GSO_REFUSED_ERRNOS:
                     self._refused(exc, packets, addr)
                 else:
                     self.on_error(exc)
+
+    def _send_one(self, packet: memoryview) -> None:
+        """One packet to every address, with a plain sendto."""
+        for addr in self.addrs:
+            try:
+                self.sock.sendto(packet, addr)
+                self.sent_bytes += len(packet)
+            except BlockingIOError:
+                self.counters.add(self.full)
+            except OSError as exc:
+                self.on_error(exc)
 
     def _refused(self, exc: OSError, packets: memoryview, addr: tuple) -> None:
         """The kernel would not take the batch: remember, and send its packets one by one."""

@@ -44,11 +44,13 @@ class RecordingSocket:
 ADDR = ("127.0.0.1", 9)
 
 
-def batch_for(sock, enabled=True):
+def batch_for(sock, enabled=True, addrs=(ADDR,)):
+    """A batch in the middle of a drain: its first packet (sent at once) is behind it."""
     errors = []
     batch = mpudp.SendBatch(mpudp.Counters())
     batch.enabled = enabled
-    batch.aim(sock, [ADDR], errors.append)
+    batch.aim(sock, list(addrs), errors.append)
+    batch.eager = False
     return batch, errors
 
 
@@ -71,6 +73,60 @@ def test_packets_of_one_size_leave_in_one_call():
     batch.flush()
     assert sock.sent == [("gso", b"".join(packets(5, 100)), 100, ADDR)]
     assert batch.sent_bytes == 500 and errors == []
+
+
+def test_the_first_packet_after_aim_leaves_at_once_and_the_rest_wait_for_the_drain_end():
+    """At light load a drain holds one packet: it must not wait for the drain's last
+    receive.  Packets behind it were queued meanwhile, and they are the batch."""
+    sock = RecordingSocket()
+    batch = mpudp.SendBatch(mpudp.Counters())
+    batch.aim(sock, [ADDR], pytest.fail)
+    first, rest = packets(3, 100)[0], packets(3, 100)[1:]
+    put(batch, first)
+    assert sock.sent == [("sendto", first, None, ADDR)]
+    for p in rest:
+        put(batch, p)
+    assert len(sock.sent) == 1
+    batch.flush()
+    assert sock.sent[1:] == [("gso", b"".join(rest), 100, ADDR)]
+    # The next drain aims again: its first packet goes at once too.
+    batch.aim(sock, [ADDR], pytest.fail)
+    put(batch, b"n" * 100)
+    assert sock.sent[-1] == ("sendto", b"n" * 100, None, ADDR) and batch.sent_bytes == 400
+
+
+def test_append_sends_the_first_payload_from_where_it_is_and_copies_the_rest():
+    sock = RecordingSocket()
+    batch = mpudp.SendBatch(mpudp.Counters())
+    batch.aim(sock, [ADDR, ("127.0.0.1", 10)], pytest.fail)
+    source = bytearray(b"a" * 50 + b"b" * 50 + b"c" * 50)
+    view = memoryview(source)
+    batch.append(view[:50])
+    assert sock.sent == [("sendto", b"a" * 50, None, ADDR), ("sendto", b"a" * 50, None, ("127.0.0.1", 10))]
+    assert batch.count == 0 and batch.end == 0  # nothing was copied into the batch
+    batch.append(view[50:100])
+    batch.append(view[100:])
+    source[:] = b"z" * 150  # the batch holds its own copies of those two
+    batch.flush()
+    assert sock.sent[2:] == [("gso", b"b" * 50 + b"c" * 50, 50, addr) for addr in (ADDR, ("127.0.0.1", 10))]
+    assert batch.sent_bytes == 2 * 150
+
+
+def test_a_first_payload_that_cannot_leave_is_counted_or_reported():
+    full = mpudp.SendBatch(mpudp.Counters(), "local_full")
+    full.aim(RecordingSocket(full=True), [ADDR], pytest.fail)
+    full.append(memoryview(b"p" * 10))
+    assert full.counters["local_full"] == 1 and full.sent_bytes == 0
+
+    class Refusing(RecordingSocket):
+        def sendto(self, data, addr):
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+
+    errors = []
+    refused = mpudp.SendBatch(mpudp.Counters())
+    refused.aim(Refusing(), [ADDR], errors.append)
+    refused.append(memoryview(b"p" * 10))
+    assert [e.errno for e in errors] == [errno.ECONNREFUSED]
 
 
 def test_a_single_packet_is_a_plain_sendto():
@@ -127,8 +183,7 @@ def test_there_is_always_room_for_the_largest_datagram():
 
 def test_every_address_gets_the_batch():
     sock = RecordingSocket()
-    batch = mpudp.SendBatch(mpudp.Counters())
-    batch.aim(sock, [ADDR, ("127.0.0.1", 10)], lambda exc: None)
+    batch, _ = batch_for(sock, addrs=(ADDR, ("127.0.0.1", 10)))
     for p in packets(2, 50):
         put(batch, p)
     batch.flush()
