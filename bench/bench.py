@@ -28,6 +28,11 @@ Every party is its own process, so none shares a GIL with another::
   extra hop); for failover and restart they go through *link emulators*
   (``--role links``: tests/linkemu.py LinkEmulators in a process of their own,
   steered over stdin) so a link can be blackholed.
+- *bare forwarders* (the floor): two processes of this file with ``--role
+  forward`` in the client's and the server's places (generator -> forwarder ->
+  forwarder -> echo and back).  Each is the loop shape of an mpudp process
+  (selectors, each socket drained until EAGAIN, recvfrom_into/send) with none of
+  its protocol: no header, MAC, replay window, sessions or timers.
 - *load generator*: ``--role loadgen``: one UDP socket that sends and receives,
   steered by JSON commands on stdin.  Each datagram carries a phase id, a
   sequence number and its send time (time.monotonic_ns), so latency comes from
@@ -86,6 +91,12 @@ before the median.
   exited a new server is spawned on the same port; "resume" is the first echo
   - the new server's spawn time, "outage" is the first echo after - the last
   echo before.
+- *Floor*: the bare forwarders at 1000 pps, both sizes, measured like the
+  relay in every repetition (CPU of the two forwarders per echoed packet, added
+  RTT p50 against the direct path of the same repetition).  What any CPython
+  relay of this shape pays on this machine for its process wake-ups, and
+  "mpudp - floor" is what mpudp's protocol and bookkeeping add to that, per
+  repetition.
 - *Redundancy 2*: a second relay (server + client) runs beside the first one,
   its client with ``"redundancy": 2`` (both loopback links carry every packet,
   the server answers on both).  At 1200 B only, in each repetition right after
@@ -107,6 +118,7 @@ import json
 import os
 import platform
 import select
+import selectors
 import signal
 import socket
 import struct
@@ -553,6 +565,60 @@ def role_loadgen():
         sys.stdout.flush()
 
 
+def role_forward(target_port):
+    """One hop of the floor: what an mpudp process does per packet minus the protocol
+    (no header, MAC, replay window, sessions or timers).  Datagrams from the listen
+    socket go to the target from a connected socket, its replies to the last sender;
+    the same loop shape as mpudp's reactor (selectors, each socket drained until EAGAIN)."""
+    listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listen.bind((HOST, 0))
+    listen.setblocking(False)
+    upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    upstream.connect((HOST, target_port))
+    upstream.setblocking(False)
+    buf = bytearray(65536)
+    view = memoryview(buf)
+    sender = [None]  # the last address a datagram came from: where replies go
+
+    def forward():
+        while True:
+            try:
+                n, sender[0] = listen.recvfrom_into(buf)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue
+            try:
+                upstream.send(view[:n])
+            except OSError:
+                pass
+
+    def reply():
+        while True:
+            try:
+                n = upstream.recv_into(buf)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue
+            try:
+                listen.sendto(view[:n], sender[0])
+            except OSError:
+                pass
+
+    selector = selectors.DefaultSelector()
+    selector.register(listen, selectors.EVENT_READ, forward)
+    selector.register(upstream, selectors.EVENT_READ, reply)
+    selector.register(sys.stdin, selectors.EVENT_READ, None)
+    print(json.dumps({"port": listen.getsockname()[1]}), flush=True)
+    while True:
+        for key, _events in selector.select():
+            if key.data is not None:
+                key.data()
+            elif stdin_closed():
+                return
+
+
 def role_links(target_port, count):
     sys.path.insert(0, TESTS)
     from linkemu import LinkEmulator
@@ -782,6 +848,12 @@ class Bench(object):
                              dict(client_extra, score_file=status["client"]))
         return {"server": server, "client": client, "addr": [HOST, client_port], "status": status}
 
+    def floor(self):
+        """Two bare forwarders (--role forward) in the client's and the server's places."""
+        server = self.helper("forward", str(self.echo_addr[1]))
+        client = self.helper("forward", str(server.ready["port"]))
+        return {"server": server, "client": client, "addr": [HOST, client.ready["port"]]}
+
     def next_phase(self):
         self.phase += 1
         return self.phase
@@ -816,22 +888,27 @@ class Bench(object):
         """Throughput, latency, CPU and RSS: relay with two direct links, and the direct path;
         at REDUNDANT_SIZE also a second relay whose client has "redundancy": REDUNDANCY."""
         relays = {"relay": self.relay("", {}), "redundant": self.relay("-r2", {"redundancy": REDUNDANCY})}
+        floor = self.floor()
         self.wait_forwarding(relays["relay"]["addr"], "the relay")
         self.wait_forwarding(relays["redundant"]["addr"], "the relay with redundancy %d" % REDUNDANCY)
+        self.wait_forwarding(floor["addr"], "the bare forwarders")
         time.sleep(self.p["idle_s"])
         client, server = relays["relay"]["client"], relays["relay"]["server"]
         idle = {name: proc_status_kb(k.pid, "VmRSS") for name, k in (("client", client), ("server", server))}
-        targets = dict({path: rel["addr"] for path, rel in relays.items()}, direct=self.echo_addr)
+        targets = dict({path: rel["addr"] for path, rel in relays.items()}, direct=self.echo_addr,
+                       floor=floor["addr"])
         pids = {path: {"client": rel["client"].pid, "server": rel["server"].pid, "echo": self.echo.pid}
-                for path, rel in relays.items()}
+                for path, rel in dict(relays, floor=floor).items()}
         pids["direct"] = pids["relay"]
         runs = {}  # (kind, size, path) -> list of results
         for rep in range(self.p["reps"]):
-            order = ("direct", "relay", "redundant") if rep % 2 == 0 else ("redundant", "relay", "direct")
+            order = ("direct", "relay", "floor", "redundant")
+            if rep % 2:
+                order = order[::-1]
             for kind in ("sat", "rate"):
                 for size in SIZES:
                     for path in order:
-                        if path == "redundant" and size != REDUNDANT_SIZE:
+                        if (path == "redundant" and size != REDUNDANT_SIZE) or (path == "floor" and kind != "rate"):
                             continue
                         seconds = self.p[("redundant_%s_s" if path == "redundant" else "%s_s") % kind]
                         r = self.measure(kind, size, targets[path], pids[path], seconds)
@@ -845,6 +922,7 @@ class Bench(object):
         codes_r2 = {"client": relays["redundant"]["client"].stop(), "server": relays["redundant"]["server"].stop()}
         out = summarize_steady(runs, idle, hwm, codes)
         out["redundancy"] = summarize_redundancy(runs, counters, codes_r2)
+        out["floor"] = summarize_floor(runs)
         return out
 
     def relay_counters(self, relays, since):
@@ -1105,6 +1183,28 @@ def added_p50(r, direct):
     return a - d if a is not None and d is not None else None
 
 
+def summarize_floor(runs):
+    """At RATE: the bare forwarders ("floor") against the direct path and the relay of the
+    same repetition: what any CPython relay of this shape pays, and what mpudp adds to it."""
+    out = {}
+    for size in SIZES:
+        direct, relay, floor = (runs[("rate", size, path)] for path in ("direct", "relay", "floor"))
+        floor_cpu = [relay_us_per_pkt(r) for r in floor]
+        floor_added = [added_p50(f, d) for f, d in zip(floor, direct)]
+        out[str(size)] = {
+            "relay_us_per_pkt": spread(floor_cpu),
+            "added_p50_ms": spread(floor_added),
+            "loss": spread([r["loss"] for r in floor]),
+            "mpudp_minus_floor_us_per_pkt": spread([
+                relay_us_per_pkt(r) - f if relay_us_per_pkt(r) is not None and f is not None else None
+                for r, f in zip(relay, floor_cpu)]),
+            "mpudp_minus_floor_added_p50_ms": spread([
+                added_p50(r, d) - f if added_p50(r, d) is not None and f is not None else None
+                for r, d, f in zip(relay, direct, floor_added)]),
+        }
+    return out
+
+
 def summarize_redundancy(runs, counters, codes):
     """Redundancy 1 ("r1": the relay of summarize_steady) against REDUNDANCY ("r2") at
     REDUNDANT_SIZE, ratios r2/r1 per repetition; echoes delivered twice; the relays' counters."""
@@ -1312,6 +1412,9 @@ def render(result):
              "-/-/" + "/".join("%.0f%%" % (100 * share[k]) if share.get(k) is not None else "-"
                                for k in ("echo", "loadgen")))
     add("")
+    if result.get("floor"):
+        render_floor(result, row)
+        add("")
     if result.get("redundancy"):
         render_redundancy(result["redundancy"], result["params"], row, add)
         add("")
@@ -1356,6 +1459,18 @@ def render(result):
     passed = sum(1 for t in result["targets"] if t["pass"])
     add("  %d of %d targets met" % (passed, len(result["targets"])))
     return "\n".join(lines)
+
+
+def render_floor(result, row):
+    """The floor rows: bare forwarders in place of client and server, at RATE."""
+    row("FLOOR at %d pps" % RATE, "bare forwarders", "mpudp (relay)", "mpudp - floor")
+    for size in SIZES:
+        f, c = result["floor"][str(size)], result["cpu"]["rate_%d" % RATE][str(size)]
+        row("%d B  CPU us/pkt" % size, cell(f["relay_us_per_pkt"], 1), cell(c["relay_us_per_pkt"], 1),
+            cell(f["mpudp_minus_floor_us_per_pkt"], 1))
+        row("%d B  added RTT p50 ms" % size, "+" + cell(f["added_p50_ms"], 3),
+            "+" + cell(result["latency"][str(size)]["added_p50_ms"], 3), cell(f["mpudp_minus_floor_added_p50_ms"], 3))
+    row("  (two stdlib selectors processes forwarding with recvfrom_into/send, no protocol)", "", "", "")
 
 
 def render_redundancy(red, params, row, add):
@@ -1424,6 +1539,8 @@ def main(argv=None):
         return role_echo()
     if args.role == "loadgen":
         return role_loadgen()
+    if args.role == "forward":
+        return role_forward(int(args.role_args[0]))
     if args.role == "links":
         return role_links(int(args.role_args[0]), int(args.role_args[1]))
     if args.show:

@@ -68,6 +68,12 @@ def test_bench_quick_json():
     assert red["duplicates_delivered"]["redundant"] == 0
     assert "server_duplicate_per_datagram" in red["counters"]["r2"]
 
+    for size in ("64", "1200"):  # the floor: bare forwarders in the relay's places, at 1000 pps
+        floor = result["floor"][size]
+        assert floor["relay_us_per_pkt"]["median"] > 0 and floor["added_p50_ms"]["median"] is not None, size
+        assert floor["loss"]["median"] is not None and floor["loss"]["median"] < 1.0, size  # echoes came back
+        assert floor["mpudp_minus_floor_us_per_pkt"]["median"] is not None, size
+
     keys = {t["key"] for t in result["targets"]}
     assert {"ratio_sat_1200", "cpu_sat_1200", "cpu_rate_1200", "added_p50_64", "rss_idle_client_mb",
             "rss_idle_server_mb", "startup_ms", "failover_gap_s", "r2_duplicates"} <= keys
