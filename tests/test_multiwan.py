@@ -19,6 +19,10 @@
    one deleted and made again between two checks (a new index: in process, stepped
    by hand); an interface or address that is not there when the client starts.
 6. Config errors of the new keys: one line naming the key path, exit status 2.
+7. A reload (SIGHUP) that changes a link's bind_addr replaces the link: a new socket, seen
+   by the server from the new address, the App's session going on; a link whose options did
+   not change keeps its socket (the control); an invalid bind_addr is refused with one line
+   and the link goes on as it was.
 
 The namespace tests need root and iproute2 and skip otherwise.  Everything they
 make lives in the namespaces they made (deleted at the end of each test); nothing
@@ -30,7 +34,9 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -779,3 +785,227 @@ def test_cli_check_describes_and_refuses(tmp_path):
         lines
     assert all(line.startswith("mpudp: config error: ") for line in lines), lines
 
+
+# -- 7. a reload that changes a link's socket options ---------------------------------
+#
+# A reload matches links by (remote_addr, socket options): a link whose bind_interface,
+# bind_addr or fwmark changed is an old link removed and a new one added (a new socket),
+# a link whose options did not change keeps its socket.  Loopback aliases stand for the
+# uplinks' addresses, as in section 3.
+
+REFUSED = "reload refused, the running config stays: "
+
+
+def send_sighup(process, wanted):
+    """SIGHUP, then the index of the first line containing `wanted` after it."""
+    mark = len(process.lines)
+    process.proc.send_signal(signal.SIGHUP)
+    return process.wait_for_line(wanted, start=mark)
+
+
+def server_return_path(server, link=0, timeout=WAIT_S):
+    """(host, port) the server sends link `link`'s replies to, from the table it logs on
+    SIGUSR1.  The signal is handled after every packet that reached the server before it,
+    so the table shows the address of the newest packet the test has seen answered."""
+    pattern = re.compile(r"\blink %d (\d+\.\d+\.\d+\.\d+):(\d+)\b" % link)  # not "link 0 (ADDR)"
+    mark = len(server.lines)
+    server.proc.send_signal(signal.SIGUSR1)
+
+    def found():
+        for line in server.lines[mark:]:
+            match = pattern.search(line)
+            if match:
+                return match.group(1), int(match.group(2))
+        return None
+
+    with server.cond:
+        server.cond.wait_for(lambda: found() is not None, timeout)
+        path = found()
+    assert path is not None, "no return path of link %d in the server's SIGUSR1 table; output:\n%s" % (
+        link, "\n".join(server.lines[mark:]))
+    return path
+
+
+def udp_address_in_use(address):
+    """True if a UDP socket is bound to `address` (host, port): binding it again fails.  Link
+    sockets do not set SO_REUSEADDR, so this tells whether a link's socket is still open."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            return True
+    return False
+
+
+class BoundClient:
+    """An echo upstream, a server on 127.0.0.1 and a client (HEARTBEAT_S) whose links go to
+    the server from loopback aliases; an App talks to the client.  Everything it makes is
+    handed to `cleanup` as it is made."""
+
+    def __init__(self, tmp_path, cleanup, links):
+        self.echo = EchoServer("127.0.0.1")
+        cleanup(self.echo.close)
+        server_keys, client_keys = keypair(), keypair()
+        server_port, client_port = free_udp_port(), free_udp_port()
+        self.server = MpudpProcess(write_config(tmp_path, {"mode": "server", "server": {
+            "listen_addr": "127.0.0.1:%d" % server_port, "upstream_addr": self.echo.text,
+            "server_private_key": server_keys[0], "client_public_keys": [client_keys[1]]}}, "server.json"))
+        cleanup(self.server.stop)
+        self.app = App(("127.0.0.1", client_port))
+        cleanup(self.app.close)
+        self.server.wait_for_line("server listening on")
+        self.remote = "127.0.0.1:%d" % server_port
+        self.client_cfg = {
+            "listen_addr": "127.0.0.1:%d" % client_port,
+            "links": [dict({"remote_addr": self.remote}, **link) for link in links],
+            "heartbeat_interval_sec": HEARTBEAT_S,
+            "client_private_key": client_keys[0], "server_public_key": server_keys[1]}
+        self.client_path = write_config(tmp_path, {"mode": "client", "client": self.client_cfg}, "client.json")
+        self.client = MpudpProcess(self.client_path)
+        cleanup(self.client.stop)
+        self.client.wait_for_line("running as")  # its SIGHUP handler is in place
+        self.client.wait_for_line("handshake done")
+
+    def link(self, index):
+        return "link %d (%s)" % (index, self.remote)
+
+    def rewrite(self, links):
+        """The client's config file with these links (the rest unchanged), for a SIGHUP."""
+        cfg = dict(self.client_cfg, links=[dict({"remote_addr": self.remote}, **link) for link in links])
+        write_config(os.path.dirname(self.client_path), {"mode": "client", "client": cfg},
+                     os.path.basename(self.client_path))
+
+    def upstream_sources(self, prefix):
+        """Where the upstream got the App's payloads `prefix:N` from (the server's session socket)."""
+        with self.echo.cond:
+            return {source for data, source in self.echo.received if data.startswith(prefix.encode() + b":")}
+
+
+@pytest.fixture
+def bound_client(tmp_path, cleanup):
+    """A factory for BoundClient; its processes and sockets are closed at the end of the test."""
+    return lambda links: BoundClient(tmp_path, cleanup, links)
+
+
+@pytest.mark.parametrize("new_link, replaced", [
+    ({"bind_addr": "127.0.0.3"}, True),
+    ({"bind_addr": "127.0.0.2", "priority": 10}, False),  # the control: options unchanged
+], ids=["bind_addr-changed", "options-unchanged"])
+def test_reload_rebinds_a_link_whose_bind_addr_changed(bound_client, new_link, replaced):
+    """The client's one link, bound to 127.0.0.2, carries the App's traffic; the config is
+    rewritten and SIGHUP sent.  bind_addr 127.0.0.3: the link is removed and added again
+    (a new socket), the server now gets its packets, and sends the replies, from 127.0.0.3,
+    and the App's session goes on through the same server-side socket.  The control changes
+    the link's priority only: it keeps its socket, the server sees the same address and port."""
+    loopback_alias_or_skip("127.0.0.2")
+    loopback_alias_or_skip("127.0.0.3")
+    pair = bound_client([{"bind_addr": "127.0.0.2"}])
+    pair.app.probe("before")
+    wait_for_last(pair.server, RETURN_PATH, "link 0 (127.0.0.2:")
+    before = server_return_path(pair.server)
+    assert before[0] == "127.0.0.2", before
+    via_server = pair.upstream_sources("before")
+    assert len(via_server) == 1 and next(iter(via_server))[0] == "127.0.0.1", via_server
+
+    pair.rewrite([new_link])
+    mark, mark_server = len(pair.client.lines), len(pair.server.lines)
+    send_sighup(pair.client, "config reloaded from %s" % pair.client_path)
+    # The link's socket was closed (or kept) before that line: the port is free (or not).
+    assert udp_address_in_use(before) is not replaced, "the link's old socket %r is %s after the reload" % (
+        before, "still open" if replaced else "closed")
+    back_s = pair.app.probe("after")  # resent until echoed: the new link may take a few heartbeats
+    after = server_return_path(pair.server)
+    if replaced:
+        wait_for_last(pair.server, RETURN_PATH, "link 0 (127.0.0.3:", start=mark_server)
+        assert after[0] == "127.0.0.3", (before, after)
+        pair.app.probe("settled")  # and again, once the server has moved to the new address
+        assert server_return_path(pair.server) == after
+        report("bind_addr of the only link changed by SIGHUP: traffic back after %.1f ms" % (back_s * 1000))
+    else:
+        assert after == before, "the link's socket was not kept: %r -> %r" % (before, after)
+    assert pair.upstream_sources("after") == via_server  # the same session, through the server
+
+    reload_lines = [line for line in pair.client.lines[mark:] if "reload" in line]
+    expected = ["reload: %s added" % pair.link(0), "reload: %s removed" % pair.link(0)] if replaced else []
+    assert [line.split(" INFO  ", 1)[-1] for line in reload_lines] == expected + [
+        "config reloaded from %s" % pair.client_path], reload_lines
+    assert [p.stop() for p in (pair.client, pair.server)] == [0, 0]
+
+
+def test_reload_keeps_an_unchanged_link_and_rebinds_a_changed_one(tmp_path, cleanup):
+    """Two links to a sink in the server's place (the client sends HELLOs on both, every
+    heartbeat interval): link 0 on 127.0.0.2, link 1 on 127.0.0.3.  One reload changes link 0's
+    priority and link 1's bind_addr (to 127.0.0.4): link 0's packets still come from the same
+    address and port, link 1's only from 127.0.0.4 once the first one has."""
+    for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+        loopback_alias_or_skip(host)
+    sink = EchoServer("127.0.0.1")
+    sink.echo = False
+    cleanup(sink.close)
+    server_keys, client_keys = keypair(), keypair()
+    cfg = {"listen_addr": "127.0.0.1:%d" % free_udp_port(),
+           "links": [{"remote_addr": sink.text, "bind_addr": "127.0.0.2"},
+                     {"remote_addr": sink.text, "bind_addr": "127.0.0.3"}],
+           "heartbeat_interval_sec": HEARTBEAT_S,
+           "client_private_key": client_keys[0], "server_public_key": server_keys[1]}
+    path = write_config(tmp_path, {"mode": "client", "client": cfg})
+    client = MpudpProcess(path)
+    cleanup(client.stop)
+    client.wait_for_line("running as")
+    assert sink.wait_for(lambda _: len(sources_by_link(sink)) == 2), sources_by_link(sink)
+    before = sources_by_link(sink)
+    assert [{host for host, _port in before[i]} for i in (0, 1)] == [{"127.0.0.2"}, {"127.0.0.3"}], before
+    assert len(before[0]) == len(before[1]) == 1, before
+
+    def packets_since(start):
+        """[(link, source)] of the packets the sink received from index `start` on."""
+        return [(mpudp.HEADER.unpack_from(data)[1], source[:2])
+                for data, source in sink.received[start:] if len(data) >= mpudp.HEADER_SIZE]
+
+    cfg["links"] = [dict(cfg["links"][0], priority=10), dict(cfg["links"][1], bind_addr="127.0.0.4")]
+    write_config(tmp_path, {"mode": "client", "client": cfg})
+    mark = len(client.lines)
+    send_sighup(client, "config reloaded from %s" % path)
+    old_link0, old_link1 = next(iter(before[0])), next(iter(before[1]))
+    assert udp_address_in_use(old_link0), "link 0's socket was closed by the reload"
+    assert not udp_address_in_use(old_link1), "the replaced link 1's socket is still open"
+    # The sink may still hold a packet the old link 1 sent before the reload: from the first
+    # one from the new address on, every packet of link 1 must come from there.
+    assert sink.wait_for(lambda _: any(link == 1 and source[0] == "127.0.0.4" for link, source in packets_since(0)))
+    first_new = next(i for i, (link, source) in enumerate(packets_since(0)) if link == 1 and source[0] == "127.0.0.4")
+    assert sink.wait_for(lambda _: min(sum(1 for link, _s in packets_since(first_new) if link == i)
+                                       for i in (0, 1)) >= 5), packets_since(first_new)
+    later = packets_since(first_new)
+    assert {source for link, source in later if link == 1} == {later[0][1]}, later  # one new socket
+    assert sources_by_link(sink)[0] == before[0], "link 0 lost its socket: %r" % sources_by_link(sink)
+    reload_lines = [line.split(" INFO  ", 1)[-1] for line in client.lines[mark:] if "reload" in line]
+    assert reload_lines == ["reload: link 1 (%s) added" % sink.text, "reload: link 1 (%s) removed" % sink.text,
+                            "config reloaded from %s" % path], reload_lines
+    assert client.stop() == 0
+
+
+def test_reload_with_an_invalid_bind_addr_is_refused(bound_client):
+    """A bind_addr that is not an address, or not of remote_addr's family: the reload is refused
+    with one line naming the key, and the link goes on with its socket (the same source address
+    and port at the server), carrying the App's traffic."""
+    loopback_alias_or_skip("127.0.0.2")
+    pair = bound_client([{"bind_addr": "127.0.0.2"}])
+    pair.app.probe("before")
+    wait_for_last(pair.server, RETURN_PATH, "link 0 (127.0.0.2:")
+    before = server_return_path(pair.server)
+    for bad, why in [("not-an-ip", "'not-an-ip': needs an IP address of this host"),
+                     ("::1", "'::1' is IPv6 but remote_addr %r is IPv4" % pair.remote)]:
+        pair.rewrite([{"bind_addr": bad}])
+        mark = len(pair.client.lines)
+        refused = send_sighup(pair.client, REFUSED)
+        assert " ERROR " in pair.client.lines[refused], pair.client.lines[refused]
+        assert pair.client.lines[refused].split(REFUSED, 1)[1].startswith(
+            "client.links[0].bind_addr: " + why), pair.client.lines[refused]
+        assert udp_address_in_use(before), "the refused reload closed the link's socket"
+        pair.app.probe("after " + bad)
+        assert server_return_path(pair.server) == before
+        assert [line for line in pair.client.lines[mark:] if "reload" in line] == [pair.client.lines[refused]]
+    assert pair.client.count_lines("config reloaded") == 0
+    assert [p.stop() for p in (pair.client, pair.server)] == [0, 0]
