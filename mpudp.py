@@ -2122,12 +2122,17 @@ class Client:
         if it was active, the traffic; sessions are untouched.
         """
         now = self.reactor.time()
-        old = {(link.endpoint.text, link.spec.socket_options): link for link in self.links}
+        # Several links may go the same way (two sockets, two NAT mappings to one
+        # address): those are matched in their order.
+        old = {}  # type: Dict[tuple, List[ClientLink]]
+        for link in self.links:
+            old.setdefault((link.endpoint.text, link.spec.socket_options), []).append(link)
         refresh_changed = new.dns_refresh_interval_s != self.config.dns_refresh_interval_s
         self.config = new
         links = []
         for index, spec in enumerate(new.links):
-            link = old.pop((spec.remote_addr, spec.socket_options), None)
+            same_way = old.get((spec.remote_addr, spec.socket_options))
+            link = same_way.pop(0) if same_way else None
             if link is None:
                 link = self._new_link(index, spec)
                 self.log.info("reload: %s added" % link.name)
@@ -2138,7 +2143,7 @@ class Client:
             link.health.max_consecutive_fail = new.max_consecutive_fail
             link.health.recovery_hold_s = recovery_hold_s(new)
             links.append(link)
-        for link in old.values():
+        for link in (link for same_way in old.values() for link in same_way):
             self.log.info("reload: %s removed" % link.name)
             self._retire_link(link)
         self.links = links

@@ -496,3 +496,51 @@ def test_reload_removing_a_link_whose_lookup_is_still_running():
         client.close()
         resolver.close()
         reactor.close()
+
+
+def test_reload_keeps_each_of_several_links_that_go_the_same_way():
+    """Two links to one address with the same options (two sockets, two NAT mappings): a
+    reload that keeps them keeps both, in order, with their sockets; one that drops the
+    second retires exactly that one.  (They were matched by a dict key, so the second
+    replaced the first: a new link was made and the old one kept running, unreferenced.)"""
+    import io
+
+    import mpudp  # in-process: the links and their sockets are inspected
+
+    log_stream = io.StringIO()
+    reactor = mpudp.Reactor(log=mpudp.Log(stream=log_stream))
+    resolver = mpudp.Resolver(reactor)
+    server_private, server_public = keypair()
+    client_private, _ = keypair()
+
+    def client_config(links, **extra):
+        return mpudp.parse_config({"mode": "client", "client": dict({
+            "listen_addr": "127.0.0.1:0", "links": [{"remote_addr": r} for r in links],
+            "client_private_key": client_private, "server_public_key": server_public}, **extra)}).section
+
+    client = mpudp.Client(client_config(["127.0.0.1:9", "127.0.0.1:9", "127.0.0.1:10"]), reactor, reactor.log,
+                          resolver)
+    try:
+        client.start()
+        first, second, third = client.links
+        sockets = [link.sock for link in client.links]
+        assert len({id(s) for s in sockets}) == 3 and None not in sockets
+        mark = len(log_stream.getvalue())
+
+        client.reconfigure(client_config(["127.0.0.1:9", "127.0.0.1:9", "127.0.0.1:10"], switch_threshold=40))
+        assert client.links == [first, second, third]
+        assert [link.sock for link in client.links] == sockets
+        assert [link.index for link in client.links] == [0, 1, 2]
+        assert "reload:" not in log_stream.getvalue()[mark:]
+
+        client.reconfigure(client_config(["127.0.0.1:9", "127.0.0.1:10"]))
+        assert client.links == [first, third] and [link.index for link in client.links] == [0, 1]
+        assert first.sock is sockets[0] and third.sock is sockets[2]
+        assert second.sock is None and second.hb_timer is None and sockets[1].fileno() == -1  # retired
+        reload_lines = [line for line in log_stream.getvalue()[mark:].splitlines() if "reload:" in line]
+        assert len(reload_lines) == 1 and reload_lines[0].endswith("reload: link 1 (127.0.0.1:9) removed"), \
+            reload_lines
+    finally:
+        client.close()
+        resolver.close()
+        reactor.close()
