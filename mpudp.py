@@ -585,8 +585,9 @@ class LinkHealth:
         return False
 
     def force_down(self, now: float) -> bool:
-        """The link cannot carry anything (its interface or address is gone): down now,
-        not after max_consecutive_fail misses.  True if it was up."""
+        """The link cannot carry anything (its interface or address is gone, or the
+        kernel has no route for it): down now, not after max_consecutive_fail misses.
+        True if it was up."""
         self.consecutive_ok = 0
         if not self.up:
             return False
@@ -1083,6 +1084,11 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 # errors (no permission, an unsupported option) will not go away by waiting.
 WAITING_ERRNOS = frozenset((errno.ENODEV, errno.ENXIO, errno.EADDRNOTAVAIL, errno.ENETDOWN,
                             errno.EADDRINUSE))
+# The kernel has no route for a link's packets now (a route or an address that
+# vanished, an interface that is down): the send was refused on the spot, so the
+# link is down at once, not after its missed heartbeats.  Link sockets are not
+# connected, so these never come from a remote's ICMP error.
+UNREACHABLE_ERRNOS = frozenset((errno.ENETUNREACH, errno.EHOSTUNREACH))
 
 
 class LinkSocketError(OSError):
@@ -1603,11 +1609,16 @@ class Client:
         link.waiting = why
         self.log.warn("%s: %s; the link is down until it is back" % (link.name, why))
         if link.health.force_down(now):
-            self._evaluate_now(now)
-            if not any(l.health.up for l in self.links):
-                self._start_handshake()
+            self._link_went_down(now)
         else:
             self._set_carriers(self._candidates(), now)
+
+    def _link_went_down(self, now: float) -> None:
+        """Traffic moves at once; with no link left up, a new handshake (perhaps the
+        server restarted and forgot our epoch)."""
+        self._evaluate_now(now)
+        if not any(l.health.up for l in self.links):
+            self._start_handshake()
 
     def _on_address_change(self, endpoint: Endpoint) -> None:
         link = next((l for l in self.links if l.endpoint is endpoint), None)
@@ -1629,6 +1640,12 @@ class Client:
             self._lose_link_socket(link, "%s (%s)" % (exc.strerror, spec.bind_interface or spec.bind_addr[0]),
                                    self.reactor.time())
             return
+        if exc.errno in UNREACHABLE_ERRNOS:
+            now = self.reactor.time()
+            if link.health.force_down(now):
+                self.log.warn("%s: %s; down until its heartbeats are answered again" % (link.name, exc))
+                self._link_went_down(now)
+                return
         self.log.every("link-error:%d" % link.index, ERROR_LOG_INTERVAL_S, "warn",
                        "%s: %s" % (link.name, exc))
 
@@ -1951,9 +1968,7 @@ class Client:
             self._schedule_heartbeat(link, now)  # first miss: probe at once, then fast
         if went_down:
             self.log.info("%s down after %d missed heartbeats" % (link.name, link.health.consecutive_fail))
-            self._evaluate_now(now)
-            if not any(l.health.up for l in self.links):
-                self._start_handshake()  # perhaps the server restarted and forgot our epoch
+            self._link_went_down(now)
 
     def _on_echo(self, link: ClientLink, seq: int, bitmap: int) -> None:
         now = self.reactor.time()

@@ -33,6 +33,7 @@ everything inside a throw-away network namespace.
 """
 
 import collections
+import errno
 import io
 import json
 import os
@@ -1208,9 +1209,62 @@ def wait_for_last(process, markers, wanted, timeout=WAIT_S):
         return process.cond.wait_for(last_has, timeout)
 
 
+class NoRoute:
+    """A link socket whose sends the kernel refuses with ENETUNREACH (its route is gone):
+    everything else, receiving included, goes to the real socket."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+    def sendto(self, *args):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    sendmsg = sendto
+
+
+def test_a_link_whose_sends_are_unreachable_is_down_at_once():
+    """ENETUNREACH on a send (no route for the link now): the link is down at once and the
+    traffic moves to the other link, not after max_consecutive_fail missed heartbeats; one
+    warning, the later refusals only counted; back up through heartbeats once it can send."""
+    rig = Rig()
+    try:
+        rig.client.close()  # a client with two links to the same server instead
+        server = "%s:%d" % rig.server_addr
+        rig.client_cfg.update(links=[{"remote_addr": server}, {"remote_addr": server}],
+                              max_consecutive_fail=50)  # missed heartbeats alone would take 10 s
+        rig.client = client = rig.new_client()
+        assert rig.run_until(lambda: all(l.health.up for l in client.links) and client.active is not None, 5.0)
+        gone = client.active
+        other = next(l for l in client.links if l is not gone)
+        real_sock, gone.sock = gone.sock, NoRoute(gone.sock)
+        mark = len(rig.logbuf.getvalue())
+        went_down_at = rig.clock.now
+        rig.app.sendto(b"lost: the first packet after the route went", rig.client_addr)
+        assert rig.settle(lambda: client.active is other), rig.logbuf.getvalue()[mark:]
+        assert rig.clock.now == went_down_at  # no time passed: no heartbeat was missed
+        assert not gone.health.up
+        assert rig.round_trip(b"by the other link")
+        rig.run(2.0)  # 10 heartbeat intervals: the gone link's heartbeats are refused too
+        log = rig.logbuf.getvalue()[mark:]
+        assert log.count("%s: [Errno %d] Network is unreachable; down until its heartbeats are answered again"
+                         % (gone.name, errno.ENETUNREACH)) == 1, log
+        assert "missed heartbeats" not in log and not gone.health.up and client.active is other
+        assert client.counters["link_errors"] >= 10
+
+        gone.sock = real_sock  # the route is back
+        assert rig.run_until(lambda: gone.health.up, 10.0), rig.logbuf.getvalue()[mark:]
+        assert rig.round_trip(b"after the route came back")
+    finally:
+        rig.close()
+
+
 def test_route_vanishes_enetunreach_in_a_netns(tmp_path):
     """The active link's route disappears (`ip addr del`: sendto says ENETUNREACH on the client,
-    and on the server for replies); traffic moves to the other link; the route comes back.
+    and on the server for replies); the link is down at once, not by missed heartbeats, and
+    traffic moves to the other link; the route comes back.
 
     Everything runs inside a new network namespace whose loopback carries a second
     address, 10.203.0.1/24: link 0 goes to 127.0.0.1, link 1 (preferred by priority) to
@@ -1266,6 +1320,8 @@ def test_route_vanishes_enetunreach_in_a_netns(tmp_path):
         line = client.lines[client.wait_for_line("unreachable", start=mark_client)]
         assert "link 1" in line, line
         client.wait_for_line("switch link 1 (10.203.0.1", start=mark_client)  # "-> link 0 ...: <why>"
+        assert "down until its heartbeats are answered again" in line, line
+        assert not any("missed heartbeats" in l for l in client.lines[mark_client:]), client.lines[mark_client:]
         server.wait_for_line("replies now go by link 0", start=mark_server)
         report("route vanished (ENETUNREACH): traffic resumes on the other link %.0f ms after the address "
                "was deleted" % (resume * 1000))

@@ -543,6 +543,9 @@ def test_interface_deleted_and_made_again(two_wans):
             or wans.link(1) + ": No such device (vethB);" in lost), lost
     wans.client.wait_for_line("switch %s -> %s" % (wans.link(1), wans.link(0)), start=mark)
     wans.server.wait_for_line("replies now go by link 0 (%s:" % SOURCE["vethA"], start=mark_server)
+    assert wans.client.count_lines("%s: [Errno %d] Network is unreachable; down until its heartbeats are "
+                                   "answered again" % (wans.link(1), errno.ENETUNREACH)) == 1
+    assert not any("missed heartbeats" in line for line in wans.client.lines[mark:]), wans.client.lines[mark:]
     assert_stream_leaves_by(wans, "failed-over", "vethA")
     status = wait_for_status(wans.score_file, lambda s: s["links"][1].get("waiting"), "score_file: link 1 waiting")
     assert "vethB" in status["links"][1]["waiting"] and status["links"][1]["state"] == "down", status["links"][1]
@@ -670,8 +673,8 @@ def test_interface_or_address_not_there_at_start(two_wans, option, trouble, valu
 def test_bind_addr_picks_the_source_and_a_rule_the_uplink(two_wans):
     """Link 1 bound to vethB's address: without a rule its packets leave by the best route
     (vethA) from that address; with `ip rule add from ADDR table 102` by vethB.  The address
-    removed: no error names it (sendto says ENETUNREACH), so the link goes down by missed
-    heartbeats and traffic moves to link 0; the address back, the same socket works again."""
+    removed: sendto says ENETUNREACH, the link goes down at once and traffic moves to link 0;
+    the address back, the same socket works again."""
     wans = two_wans()
     wans.add_wan("vethA")
     wans.add_wan("vethB")
