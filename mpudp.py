@@ -2137,17 +2137,11 @@ class Client:
         if it was active, the traffic; sessions are untouched.
         """
         now = self.reactor.time()
-        # Several links may go the same way (two sockets, two NAT mappings to one
-        # address): those are matched in their order.
-        old = {}  # type: Dict[tuple, List[ClientLink]]
-        for link in self.links:
-            old.setdefault((link.endpoint.text, link.spec.socket_options), []).append(link)
+        kept, retired = self._links_kept_by(new)
         refresh_changed = new.dns_refresh_interval_s != self.config.dns_refresh_interval_s
         self.config = new
         links = []
-        for index, spec in enumerate(new.links):
-            same_way = old.get((spec.remote_addr, spec.socket_options))
-            link = same_way.pop(0) if same_way else None
+        for index, (spec, link) in enumerate(zip(new.links, kept)):
             if link is None:
                 link = self._new_link(index, spec)
                 self.log.info("reload: %s added" % link.name)
@@ -2158,7 +2152,7 @@ class Client:
             link.health.max_consecutive_fail = new.max_consecutive_fail
             link.health.recovery_hold_s = recovery_hold_s(new)
             links.append(link)
-        for link in (link for same_way in old.values() for link in same_way):
+        for link in retired:
             self.log.info("reload: %s removed" % link.name)
             self._retire_link(link)
         self.links = links
@@ -2170,6 +2164,20 @@ class Client:
         self._periodic[0].interval = new.heartbeat_interval_s
         self._periodic[1].interval = self._sweep_interval()
         self._evaluate_now(now)
+
+    def _links_kept_by(self, new: "ClientConfig") -> Tuple[List[Optional[ClientLink]], List[ClientLink]]:
+        """For each of the new config's links the running link it keeps (same remote
+        and socket options) or None; and the running links that none keeps.  Several
+        links may go the same way (two sockets, two NAT mappings to one address):
+        those are matched in their order."""
+        running = {}  # type: Dict[tuple, List[ClientLink]]
+        for link in self.links:
+            running.setdefault((link.endpoint.text, link.spec.socket_options), []).append(link)
+        kept = []  # type: List[Optional[ClientLink]]
+        for spec in new.links:
+            same_way = running.get((spec.remote_addr, spec.socket_options))
+            kept.append(same_way.pop(0) if same_way else None)
+        return kept, [link for same_way in running.values() for link in same_way]
 
     def _make_link(self, index: int, spec: "LinkConfig", config: "ClientConfig") -> ClientLink:
         link = ClientLink(index, spec, self._on_address_change, config.max_consecutive_fail,
