@@ -2973,12 +2973,13 @@ class LinkConfig:
     @property
     def bound(self) -> bool:
         """Any of bind_interface, bind_addr, fwmark set."""
-        return self.socket_options != ("", "", 0)
+        return self.socket_options != ("", None, 0)
 
     @property
     def socket_options(self) -> tuple:
-        """What a link's socket is made with: a reload that changes it makes a new link."""
-        return (self.bind_interface, self.bind_addr[0] if self.bind_addr else "", self.fwmark)
+        """What a link's socket is made with: a reload that changes it makes a new link.
+        The address as parsed, so "192.0.2.7" and "192.0.2.7:0" are the same."""
+        return (self.bind_interface, self.bind_addr[2] if self.bind_addr else None, self.fwmark)
 
 
 class ClientConfig:

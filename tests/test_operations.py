@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import MPUDP, ROOT, WAIT_S, EchoServer, addr_text, keypair, paced, write_config
+from conftest import MPUDP, ROOT, WAIT_S, EchoServer, addr_text, free_udp_port, keypair, paced, write_config
 
 
 # -- helpers -------------------------------------------------------------------
@@ -540,6 +540,38 @@ def test_reload_keeps_each_of_several_links_that_go_the_same_way():
         reload_lines = [line for line in log_stream.getvalue()[mark:].splitlines() if "reload:" in line]
         assert len(reload_lines) == 1 and reload_lines[0].endswith("reload: link 1 (127.0.0.1:9) removed"), \
             reload_lines
+    finally:
+        client.close()
+        resolver.close()
+        reactor.close()
+
+
+def test_reload_compares_a_bind_addr_as_an_address_not_as_text():
+    """"127.0.0.2" and "127.0.0.2:0" are the same binding: the link keeps its socket; a
+    different port is a new one."""
+    import mpudp
+
+    reactor = mpudp.Reactor(log=mpudp.Log(stream=open(os.devnull, "w")))
+    resolver = mpudp.Resolver(reactor)
+    server_private, server_public = keypair()
+    client_private, _ = keypair()
+
+    def client_config(bind_addr):
+        return mpudp.parse_config({"mode": "client", "client": {
+            "listen_addr": "127.0.0.1:0", "links": [{"remote_addr": "127.0.0.1:9", "bind_addr": bind_addr}],
+            "client_private_key": client_private, "server_public_key": server_public}}).section
+
+    client = mpudp.Client(client_config("127.0.0.2"), reactor, reactor.log, resolver)
+    try:
+        client.start()
+        link, sock = client.links[0], client.links[0].sock
+        assert sock.getsockname()[0] == "127.0.0.2"
+        client.reconfigure(client_config("127.0.0.2:0"))
+        assert client.links == [link] and link.sock is sock
+        port = free_udp_port("127.0.0.2")
+        client.reconfigure(client_config("127.0.0.2:%d" % port))
+        assert client.links[0] is not link and client.links[0].sock.getsockname() == ("127.0.0.2", port)
+        assert sock.fileno() == -1
     finally:
         client.close()
         resolver.close()
