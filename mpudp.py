@@ -2144,7 +2144,7 @@ class Client:
         for index, (spec, link) in enumerate(zip(new.links, kept)):
             if link is None:
                 link = self._new_link(index, spec)
-                self.log.info("reload: %s added" % link.name)
+                self.log.info("reload: %s added%s" % (link.name, _via(spec)))
             elif refresh_changed:
                 link.endpoint.close()
                 link.endpoint.start(self.reactor, self.resolver, self.log, new.dns_refresh_interval_s)
@@ -2153,7 +2153,7 @@ class Client:
             link.health.recovery_hold_s = recovery_hold_s(new)
             links.append(link)
         for link in retired:
-            self.log.info("reload: %s removed" % link.name)
+            self.log.info("reload: %s removed%s" % (link.name, _via(link.spec)))
             self._retire_link(link)
         self.links = links
         if self.active is not None and self.active not in links:
@@ -2231,6 +2231,11 @@ def describe_link_binding(spec: "LinkConfig") -> str:
     if spec.bind_addr:
         parts.append("from %s" % spec.bind_addr[0])
     return " ".join(parts)
+
+
+def _via(spec: "LinkConfig") -> str:
+    """": dev wwan0 from 10.0.0.2" after a bound link's name in a log line, else nothing."""
+    return ": " + describe_link_binding(spec) if spec.bound else ""
 
 
 def link_table_lines(links: Sequence[Dict[str, Any]]) -> List[str]:

@@ -931,7 +931,8 @@ def test_reload_rebinds_a_link_whose_bind_addr_changed(bound_client, new_link, r
     assert pair.upstream_sources("after") == via_server  # the same session, through the server
 
     reload_lines = [line for line in pair.client.lines[mark:] if "reload" in line]
-    expected = ["reload: %s added" % pair.link(0), "reload: %s removed" % pair.link(0)] if replaced else []
+    expected = ["reload: %s added: from 127.0.0.3" % pair.link(0),
+                "reload: %s removed: from 127.0.0.2" % pair.link(0)] if replaced else []
     assert [line.split(" INFO  ", 1)[-1] for line in reload_lines] == expected + [
         "config reloaded from %s" % pair.client_path], reload_lines
     assert [p.stop() for p in (pair.client, pair.server)] == [0, 0]
@@ -984,7 +985,8 @@ def test_reload_keeps_an_unchanged_link_and_rebinds_a_changed_one(tmp_path, clea
     assert {source for link, source in later if link == 1} == {later[0][1]}, later  # one new socket
     assert sources_by_link(sink)[0] == before[0], "link 0 lost its socket: %r" % sources_by_link(sink)
     reload_lines = [line.split(" INFO  ", 1)[-1] for line in client.lines[mark:] if "reload" in line]
-    assert reload_lines == ["reload: link 1 (%s) added" % sink.text, "reload: link 1 (%s) removed" % sink.text,
+    assert reload_lines == ["reload: link 1 (%s) added: from 127.0.0.4" % sink.text,
+                            "reload: link 1 (%s) removed: from 127.0.0.3" % sink.text,
                             "config reloaded from %s" % path], reload_lines
     assert client.stop() == 0
 
