@@ -1515,6 +1515,7 @@ class Client:
             link.endpoint.start(self.reactor, self.resolver, self.log, cfg.dns_refresh_interval_s)
             link.next_hb_at = now
         self.active = self.links[self.policy.choose(self._candidates(), None, None, now)[0]]
+        self.log.info("first choice: %s carries the traffic" % self.active.name)
         self._set_carriers(self._candidates(), now)
         self._periodic = [
             self.reactor.call_every(cfg.heartbeat_interval_s, self.evaluate),
@@ -2046,15 +2047,17 @@ class Client:
         old = self.active
         self.active = link
         link.switches += 1
-        if old is not None and old.health.changed_at is None:
+        if old is None:
+            self.last_switch_at = now
+            self.log.info("first choice: %s carries the traffic" % link.name)
+        elif old.health.changed_at is None:
             # The start-up choice never answered: not a failover, and no dwell time
             # should keep the preferred link from taking over once it is steady.
             self.log.info("first link up: %s carries the traffic" % link.name)
         else:
             self.last_switch_at = now
-            if old is not None:
-                self.log.info("switch %s -> %s: %s (score %.1f -> %.1f)" % (
-                    old.name, link.name, reason, candidates[old.index].score, candidates[link.index].score))
+            self.log.info("switch %s -> %s: %s (score %.1f -> %.1f)" % (
+                old.name, link.name, reason, candidates[old.index].score, candidates[link.index].score))
         self._schedule_heartbeat(link, now)  # tell the server at once where to send replies
 
     # -- housekeeping --------------------------------------------------------

@@ -1261,6 +1261,18 @@ def test_a_link_whose_sends_are_unreachable_is_down_at_once():
         rig.close()
 
 
+def test_the_start_up_choice_of_link_is_logged():
+    """The link that carries the traffic from the start is named once, like every later switch."""
+    rig = Rig()
+    try:
+        lines = [line for line in rig.logbuf.getvalue().splitlines() if "carries the traffic" in line]
+        assert [line.split(" INFO  ", 1)[-1] for line in lines] == [
+            "first choice: %s carries the traffic" % rig.client.links[0].name], lines
+        assert rig.client.active is rig.client.links[0]
+    finally:
+        rig.close()
+
+
 def test_route_vanishes_enetunreach_in_a_netns(tmp_path):
     """The active link's route disappears (`ip addr del`: sendto says ENETUNREACH on the client,
     and on the server for replies); the link is down at once, not by missed heartbeats, and
@@ -1302,10 +1314,14 @@ def test_route_vanishes_enetunreach_in_a_netns(tmp_path):
         client.wait_for_line("handshake done")
         # At start the first link to answer may carry traffic until the preferred one is
         # steady: wait for the client to hand it to link 1 (the server's log alone can show
-        # link 1 first, from the start-up heartbeat, before link 0 took over).
+        # link 1 first, from the start-up heartbeat, before link 0 took over).  Until both
+        # links have answered, the start-up choice may still move.
         def link_1_carries():
-            lines = [line for line in client.lines if "first link up:" in line or " switch link " in line]
-            return bool(lines) and ("-> link 1 (" in lines[-1] or "first link up: link 1 (" in lines[-1])
+            if not all(any(line.split(" INFO  ", 1)[-1].startswith("link %d (" % i) and " up, rtt " in line
+                           for line in client.lines) for i in (0, 1)):
+                return False
+            lines = [line for line in client.lines if " carries the traffic" in line or " switch link " in line]
+            return bool(lines) and ("-> link 1 (" in lines[-1] or ": link 1 (" in lines[-1])
 
         with client.cond:
             assert client.cond.wait_for(link_1_carries, WAIT_S), client.output()
