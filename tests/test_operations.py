@@ -444,6 +444,7 @@ def test_sighup_removing_the_active_link_moves_the_traffic(relay_pair, tmp_path)
         start = len(pair.client.lines)
         pair.client.proc.send_signal(signal.SIGHUP)
         pair.client.wait_for_line("reload: link %d (%s) removed" % (active[0], removed_addr), start=start)
+        pair.client.wait_for_line("first choice: link 0 (%s) carries the traffic" % kept_addr, start=start)
         pair.client.wait_for_line("config reloaded", start=start)
         stream.wait_echoes(stream.echoes() + 100)  # the stream goes on over the kept link
     finally:
