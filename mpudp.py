@@ -1229,12 +1229,6 @@ class SendBatch:
             # So `end` stays within GSO_MAX_BYTES and room() always holds a whole datagram.
             self.flush()
 
-    def discard(self) -> int:
-        """Forget the batch (its socket is gone); how many packets it held."""
-        count = self.count
-        self.count = self.end = 0
-        return count
-
     def flush(self) -> None:
         """Send the batch (nothing if empty)."""
         count, end = self.count, self.end
@@ -1670,6 +1664,11 @@ class Client:
             batch.aim(link.sock, (link.endpoint.addr,), link.on_send_error)
         tx_before = batch.sent_bytes
         while True:
+            if carriers is not self.carriers:
+                # A send error took the link away (no socket, or no route).  The batch
+                # is empty (a flush empties it before it sends); what is not yet read
+                # waits in the socket for the next pass, and the new link.
+                return
             try:
                 n, addr = sock.recvfrom_into(batch.room())
             except BlockingIOError:
@@ -1687,9 +1686,6 @@ class Client:
                     continue
             session.packets += 1
             epoch = self.epoch
-            if carriers is not self.carriers:  # a send error took the link away (no socket, or no route)
-                self.counters.add("link_lost", 1 + batch.discard())
-                return  # the rest waits in the socket for the next pass, and the new link
             if epoch is None or not carriers:
                 self.counters.add("no_path")
                 continue

@@ -1243,9 +1243,14 @@ def test_a_link_whose_sends_are_unreachable_is_down_at_once():
         mark = len(rig.logbuf.getvalue())
         went_down_at = rig.clock.now
         rig.app.sendto(b"lost: the first packet after the route went", rig.client_addr)
+        rig.app.sendto(b"queued behind it", rig.client_addr)
         assert rig.settle(lambda: client.active is other), rig.logbuf.getvalue()[mark:]
         assert rig.clock.now == went_down_at  # no time passed: no heartbeat was missed
         assert not gone.health.up
+        # Only the packet the kernel refused is lost: the one behind it waited in the
+        # socket and went by the other link.
+        assert rig.settle(lambda: b"queued behind it" in rig.upstream_seen), rig.upstream_seen
+        assert b"lost: the first packet after the route went" not in rig.upstream_seen
         assert rig.round_trip(b"by the other link")
         rig.run(2.0)  # 10 heartbeat intervals: the gone link's heartbeats are refused too
         log = rig.logbuf.getvalue()[mark:]

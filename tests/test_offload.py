@@ -231,21 +231,15 @@ def test_other_errors_go_to_the_owner():
         def sendmsg(self, *args):
             raise OSError(errno.ENETUNREACH, "Network is unreachable")
 
-    batch, errors = batch_for(Broken())
+    batch, _ = batch_for(Broken())
+    errors = []
+    # The batch is empty when its owner hears of the error: the client then leaves its
+    # drain with nothing pending (its link may be gone).
+    batch.on_error = lambda exc: errors.append((exc.errno, batch.count, batch.end))
     for p in packets(3, 100):
         put(batch, p)
     batch.flush()
-    assert [e.errno for e in errors] == [errno.ENETUNREACH]
-
-
-def test_discard_forgets_the_batch():
-    sock = RecordingSocket()
-    batch, _ = batch_for(sock)
-    for p in packets(3, 100):
-        put(batch, p)
-    assert batch.discard() == 3
-    batch.flush()
-    assert sock.sent == []
+    assert errors == [(errno.ENETUNREACH, 0, 0)]
 
 
 # -- the kernel's side, on loopback -----------------------------------------------
