@@ -35,6 +35,12 @@ Glossary (how things are named here):
   the client's config, with its own socket and measurements.
 - *active*: the link the client currently sends data on; the server sends
   replies back on the link whose packets carry the ACTIVE flag.
+- *route*: the links data goes out on now (the active one first, then the
+  links that carry copies with redundancy).  Steering decides it; the data
+  path only reads it.
+- *data path* and *control*: the drains that carry packets, and everything
+  that decides (handshake, heartbeats, steering, reload).  Control runs
+  between drains, never inside one (Reactor.call_soon).
 - *session*: one local application (its source ip and port) behind the
   client; on the server, the upstream socket that stands for it (like NAT).
 - *client id*: the index of a client's public key in the server's
@@ -137,6 +143,8 @@ SCORE_FILE_MIN_INTERVAL_S = 1.0
 SWEEP_INTERVAL_CEILING_S = 5.0
 DROP_SUMMARY_INTERVAL_S = 60.0
 ERROR_LOG_INTERVAL_S = 10.0
+PATH_LINE_INTERVAL_S = 10.0  # "replies now go by ...": at most PATH_LINES_PER_INTERVAL lines per client
+PATH_LINES_PER_INTERVAL = 5
 SOCKET_BUFFER_BYTES = 1 << 20
 
 
@@ -172,7 +180,7 @@ class Log:
         self.stream = stream if stream is not None else sys.stderr
         self.threshold = self.LEVELS["debug" if debug else "info"]
         self.clock = clock
-        self._last: Dict[str, float] = {}
+        self._buckets = {}  # type: Dict[str, Tuple[float, float]]  # key -> (lines allowed, at)
         self._syslog = None
         if target == "syslog":
             import syslog  # only routers that ask for it need the module
@@ -215,14 +223,20 @@ class Log:
     def error(self, message: str) -> None:
         self.log("error", message)
 
+    def allow(self, key: str, interval_s: float, lines: int = 1) -> bool:
+        """May a line under `key` go out now?  At most `lines` in any `interval_s` (a token
+        bucket: a burst of `lines`, then one each interval_s / lines)."""
+        now = self.clock()
+        tokens, at = self._buckets.get(key, (float(lines), now))
+        tokens = min(float(lines), tokens + (now - at) * lines / interval_s)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        return allowed
+
     def every(self, key: str, interval_s: float, level: str, message: str) -> None:
         """Log `message` unless a line with the same key went out less than interval_s ago."""
-        now = self.clock()
-        last = self._last.get(key)
-        if last is not None and now - last < interval_s:
-            return
-        self._last[key] = now
-        self.log(level, message)
+        if self.allow(key, interval_s):
+            self.log(level, message)
 
 
 class Counters(dict):
@@ -471,6 +485,23 @@ class Epoch:
     def next_nonce(self) -> int:
         self.tx_seq += 1
         return self.nonce_base | self.tx_seq
+
+    def open(self, view: memoryview, off: int, n: int, seq: int) -> str:
+        """Accept the packet at view[off:off + n], numbered `seq`: "" if it is fresh and its
+        MAC verifies (it is then marked as seen), else the name of the drop's counter.
+        The window is checked before the MAC and marked after it, so forged packets
+        cost one look-up and cannot move the window."""
+        window = self.window
+        if not window.fresh(seq):
+            # A copy sent on another link too (redundancy), or a replay: dropped alike.
+            return "duplicate" if window.seen(seq) else "replay"
+        end = off + n - MAC_SIZE
+        m = self.rx_mac.copy()
+        m.update(view[off:end])
+        if not compare_digest(m.digest(), view[end:end + MAC_SIZE]):
+            return "auth"
+        window.mark(seq)
+        return ""
 
 
 # ============================================================================
@@ -738,11 +769,13 @@ class SwitchPolicy:
 
 
 class Timer:
-    """A scheduled call; cancel() is O(1) and drops the callback's references."""
+    """A scheduled call; cancel() is O(1), drops the callback's references and tells
+    the reactor, which counts the dead entries it leaves in the heap."""
 
-    __slots__ = ("when", "callback", "args", "cancelled", "in_heap")
+    __slots__ = ("reactor", "when", "callback", "args", "cancelled", "in_heap")
 
-    def __init__(self, when: float, callback: Callable, args: tuple) -> None:
+    def __init__(self, reactor: "Reactor", when: float, callback: Callable, args: tuple) -> None:
+        self.reactor = reactor
         self.when = when
         self.callback = callback
         self.args = args
@@ -750,9 +783,13 @@ class Timer:
         self.in_heap = True
 
     def cancel(self) -> None:
+        if self.cancelled:
+            return
         self.cancelled = True
         self.callback = None
         self.args = ()
+        if self.in_heap:
+            self.reactor._dead_entry_left()
 
 
 class Periodic:
@@ -787,6 +824,9 @@ class Reactor:
     Cancelled timers stay in the heap until popped, or until they are more than
     half of it, when the heap is rebuilt without them.  Every callback is
     guarded: an exception is counted and logged, and the loop goes on.
+
+    `call_soon` runs a call right after the current callback returns: the data
+    path reports to control that way, so control never runs inside a drain.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, log: Optional[Log] = None) -> None:
@@ -801,11 +841,12 @@ class Reactor:
         self._signal_sock = None  # type: Optional[socket.socket]
         self._signal_handlers = {}  # type: Dict[int, Callable]
         self._removed = []  # type: List[selectors.SelectorKey]  # readers removed in this pass
+        self._soon = deque()  # type: deque  # (callback, args) to run after the current callback
 
     # -- timers --------------------------------------------------------------
 
     def call_at(self, when: float, callback: Callable, *args) -> Timer:
-        timer = Timer(when, callback, args)
+        timer = Timer(self, when, callback, args)
         self._seq += 1
         heapq.heappush(self._heap, (when, self._seq, timer))
         return timer
@@ -816,13 +857,17 @@ class Reactor:
     def call_every(self, interval: float, callback: Callable, *args) -> Periodic:
         return Periodic(self, interval, callback, args)
 
+    def call_soon(self, callback: Callable, *args) -> None:
+        """Run callback(*args) once the callback running now has returned."""
+        self._soon.append((callback, args))
+
     def cancel(self, timer: Optional[Timer]) -> None:
-        """Cancel a timer (None is fine) and compact the heap when it is mostly dead."""
-        if timer is None or timer.cancelled:
-            return
-        timer.cancel()
-        if not timer.in_heap:
-            return  # it fired already: nothing dead is left in the heap
+        """Cancel a timer; None is fine."""
+        if timer is not None:
+            timer.cancel()
+
+    def _dead_entry_left(self) -> None:
+        """A timer still in the heap was cancelled: compact the heap when it is mostly dead."""
         self._cancelled_in_heap += 1
         if self._cancelled_in_heap > 64 and self._cancelled_in_heap * 2 > len(self._heap):
             for entry in self._heap:
@@ -877,6 +922,13 @@ class Reactor:
     # -- running -------------------------------------------------------------
 
     def call_guarded(self, callback: Callable, args: tuple) -> None:
+        """Run one callback, then what it asked to run soon; an exception is logged, not raised."""
+        self._guarded(callback, args)
+        soon = self._soon
+        while soon:
+            self._guarded(*soon.popleft())
+
+    def _guarded(self, callback: Callable, args: tuple) -> None:
         try:
             callback(*args)
         except Exception as exc:  # one bad callback must not stop the relay
@@ -902,6 +954,7 @@ class Reactor:
                 continue
             self.call_guarded(key.data, ())
         now = self.time()
+        heap = self._heap  # a callback's cancel may have compacted it into a new list
         due = []
         while heap and heap[0][0] <= now:
             timer = heapq.heappop(heap)[2]
@@ -1050,6 +1103,11 @@ class Resolver:
         self._writer.close()
 
 
+# ============================================================================
+# Sockets: link sockets, batched sends (GSO), coalesced receives (GRO)
+# ============================================================================
+
+
 def open_udp_socket(family: int, bind_to: Optional[tuple] = None) -> socket.socket:
     """A non-blocking UDP socket with roomy buffers, bound if asked (IPv6 "::" is dual-stack)."""
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -1172,9 +1230,9 @@ class SendBatch:
     """
 
     __slots__ = ("buf", "view", "end", "count", "seg", "eager", "enabled", "max_seg", "sock", "addrs",
-                 "on_error", "counters", "full", "sent_bytes", "gso_sends")
+                 "on_error", "failed", "counters", "full_counter", "sent_bytes", "gso_sends")
 
-    def __init__(self, counters: Counters, full: str = "tx_full") -> None:
+    def __init__(self, counters: Counters, full_counter: str = "tx_full") -> None:
         self.buf = bytearray(GSO_MAX_BYTES + RECV_BUFFER_SIZE)
         self.view = memoryview(self.buf)
         self.end = self.count = self.seg = 0
@@ -1182,10 +1240,13 @@ class SendBatch:
         self.enabled = GSO_AVAILABLE
         self.max_seg = MAX_UDP_PAYLOAD  # lowered when the kernel refuses a segment size
         self.counters = counters
-        self.full = full  # the counter of packets dropped because the socket's buffer was full
+        self.full_counter = full_counter  # counts packets dropped because the socket's buffer was full
         self.sock = None  # type: Optional[socket.socket]
         self.addrs = ()  # type: Sequence[tuple]
+        # Where a send error is reported.  The data paths pass callbacks that only
+        # count it or queue it for control (Reactor.call_soon): never control itself.
         self.on_error = None  # type: Optional[Callable[[OSError], None]]
+        self.failed = False  # a send failed since `aim`: the drain stops, and leaves the rest unread
         self.sent_bytes = 0
         self.gso_sends = 0  # batches that left in one call (for tests and the benchmark)
 
@@ -1195,6 +1256,7 @@ class SendBatch:
             self.flush()
         self.sock, self.addrs, self.on_error = sock, addrs, on_error
         self.eager = True
+        self.failed = False
 
     def append(self, payload: memoryview) -> None:
         """Copy a payload in as the next packet (when it is not received in place);
@@ -1247,12 +1309,12 @@ class SendBatch:
                 self.gso_sends += 1
                 self.sent_bytes += end
             except BlockingIOError:
-                self.counters.add(self.full, count)
+                self.counters.add(self.full_counter, count)
             except OSError as exc:
                 if exc.errno in GSO_REFUSED_ERRNOS:
                     self._refused(exc, packets, addr)
                 else:
-                    self.on_error(exc)
+                    self._failed(exc)
 
     def _send_one(self, packet: memoryview) -> None:
         """One packet to every address, with a plain sendto."""
@@ -1261,9 +1323,13 @@ class SendBatch:
                 self.sock.sendto(packet, addr)
                 self.sent_bytes += len(packet)
             except BlockingIOError:
-                self.counters.add(self.full)
+                self.counters.add(self.full_counter)
             except OSError as exc:
-                self.on_error(exc)
+                self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        self.failed = True
+        self.on_error(exc)
 
     def _refused(self, exc: OSError, packets: memoryview, addr: tuple) -> None:
         """The kernel would not take the batch: remember, and send its packets one by one."""
@@ -1276,9 +1342,9 @@ class SendBatch:
                 self.sock.sendto(packets[start:start + self.seg], addr)
                 self.sent_bytes += len(packets[start:start + self.seg])
             except BlockingIOError:
-                self.counters.add(self.full)
+                self.counters.add(self.full_counter)
             except OSError as exc:
-                self.on_error(exc)
+                self._failed(exc)
                 return
 
 
@@ -1313,6 +1379,27 @@ def gro_segment_size(ancdata: list, total: int) -> int:
             if 0 < size < total:
                 return size
     return total
+
+
+def receive_datagrams(sock: socket.socket, bufs: List[memoryview], view: memoryview, gro: bool):
+    """Yield (offset, length, source address) of each datagram waiting on `sock`, received
+    into `view` (== bufs[0]); a coalesced receive (GRO_NOTE) yields each of its datagrams.
+    Each is valid until the next is asked for.  Ends at EAGAIN; other errors propagate."""
+    while True:
+        try:
+            if gro:
+                total, ancdata, _flags, addr = sock.recvmsg_into(bufs, GRO_CMSG_SPACE)
+                seg = gro_segment_size(ancdata, total) if ancdata else total
+            else:
+                total, addr = sock.recvfrom_into(view)
+                seg = total
+        except BlockingIOError:
+            return
+        if seg >= total:
+            yield 0, total, addr
+        else:
+            for off in range(0, total, seg):
+                yield off, min(seg, total - off), addr
 
 
 def listen_address(host: str, port: int) -> Tuple[int, tuple]:
@@ -1356,7 +1443,8 @@ class Endpoint:
         numeric = numeric_address(host, port)
         self.is_name = numeric is None
         self.family, self.addr = numeric if numeric else (None, None)
-        self._timers = []  # type: List[Any]
+        self._retry = None  # type: Optional[Timer]  # the next look-up while none has succeeded
+        self._refresh = None  # type: Optional[Periodic]
 
     def start(self, reactor: Reactor, resolver: Resolver, log: Log, refresh_s: float) -> None:
         self._reactor, self._resolver, self._log = reactor, resolver, log
@@ -1364,7 +1452,7 @@ class Endpoint:
             return
         self._lookup()
         if refresh_s > 0:
-            self._timers.append(reactor.call_every(refresh_s, self._lookup))
+            self._refresh = reactor.call_every(refresh_s, self._lookup)
 
     def _lookup(self) -> None:
         self._resolver.lookup(self, self.host, self.port, self._on_result, self.want_family)
@@ -1376,8 +1464,9 @@ class Endpoint:
                 self._log.warn("cannot resolve %s: %s; %s" % (
                     self.text, result, "keeping %s" % format_address(self.addr) if self.addr else "retrying"))
             if self.addr is None:
-                delay = min(DNS_RETRY_FLOOR_S * 2 ** (self.failures - 1), DNS_RETRY_CEILING_S)
-                self._timers.append(self._reactor.call_later(delay, self._lookup))
+                delay = min(DNS_RETRY_FLOOR_S * 2 ** (min(self.failures, 32) - 1), DNS_RETRY_CEILING_S)
+                self._reactor.cancel(self._retry)
+                self._retry = self._reactor.call_later(delay, self._lookup)
             return
         self.failures = 0
         family, addr = result
@@ -1389,14 +1478,34 @@ class Endpoint:
             self.on_change(self)
 
     def close(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        self._timers = []
+        if self._refresh is not None:
+            self._refresh.cancel()
+        self._refresh = None
+        if self._retry is not None:
+            self._retry.cancel()
+        self._retry = None
 
 
 # ============================================================================
 # Client
 # ============================================================================
+#
+# The client is five objects, and each fact has one owner:
+#
+# - ClientDataPath is the packet path: the listen socket, the buffers, the
+#   batches and the sessions.  Its drains read `route` and `epoch` and never
+#   set them.  What needs a decision (a handshake answer, an echo, a send
+#   error) goes to control by Reactor.call_soon, so it runs after the drain
+#   has flushed, and a drain never sees its own state change under it.
+# - ClientHandshake runs HELLO / COOKIE / WELCOME and makes the next Epoch.
+# - LinkMonitor owns every heartbeat and heartbeat-timeout timer; it says
+#   when a link comes up or goes down.
+# - Steering is the one place that decides where data goes: from the links'
+#   health it picks the active link and publishes a Route.
+# - Client wires them together: start, close, reload, status, score file.
+#
+# The packet path, application -> link -> application, is
+# ClientDataPath.on_local_readable and ClientDataPath.on_link_readable.
 
 
 def recovery_hold_s(config: "ClientConfig") -> float:
@@ -1405,7 +1514,7 @@ def recovery_hold_s(config: "ClientConfig") -> float:
 
 
 class ClientLink:
-    """One path to the server: its endpoint, socket, heartbeats and measurements."""
+    """One path to the server: its endpoint, its socket and its measurements."""
 
     def __init__(self, index: int, spec: "LinkConfig", on_address_change: Callable[[Endpoint], None],
                  max_consecutive_fail: int, recovery_hold_s: float) -> None:
@@ -1413,19 +1522,13 @@ class ClientLink:
         self.spec = spec
         self.endpoint = Endpoint(spec.remote_addr, spec.host, spec.port, on_address_change,
                                  spec.bind_addr[1] if spec.bind_addr else 0)
-        self.priority = spec.priority
         self.health = LinkHealth(max_consecutive_fail, recovery_hold_s=recovery_hold_s)
         self.meter = ThroughputMeter()
         self.sock = None  # type: Optional[socket.socket]
         self.ifindex = 0  # of bind_interface when the socket was made
         self.waiting = ""  # why the link has no socket yet ("" if it has one, or no address yet)
         self.gro = False  # its socket takes coalesced receives (GRO_NOTE)
-        self.carrier = False  # data goes out on this link (the active one, and more with redundancy)
-        self.on_send_error = None  # type: Optional[Callable[[OSError], None]]  # set by the Client
-        self.cookie = bytes(NONCE_SIZE)  # the server's cookie for the HELLO nonce, on this path
-        self.hb_seq = 0
-        self.hb_timer = None  # type: Optional[Timer]
-        self.next_hb_at = 0.0
+        self.on_send_error = None  # type: Optional[Callable[[OSError], None]]  # what the data path reports to
         self.tx_bytes = 0
         self.rx_bytes = 0
         self.switches = 0  # times this link became the active one
@@ -1435,8 +1538,54 @@ class ClientLink:
         return "link %d (%s)" % (self.index, self.endpoint.text)
 
     @property
+    def priority(self) -> float:
+        return self.spec.priority
+
+    @property
     def addr(self) -> Optional[tuple]:
         return self.endpoint.addr
+
+    def open_socket(self) -> None:
+        """Make the link's socket; LinkSocketError if its options cannot be applied (now).
+        `ifindex` is 0 afterwards if bind_interface went away meanwhile."""
+        self.sock = open_link_socket(self.endpoint.family, self.spec)
+        self.ifindex = interface_index(self.spec.bind_interface) if self.spec.bind_interface else 0
+        self.gro = enable_gro(self.sock)
+
+    def close_socket(self, reactor: Reactor) -> None:
+        if self.sock is not None:
+            reactor.remove_reader(self.sock)
+            self.sock.close()
+            self.sock = None
+
+    def send(self, packet: memoryview, counters: Counters) -> Optional[OSError]:
+        """Send one control packet; the error if the kernel refused it (a full buffer is only counted)."""
+        try:
+            self.sock.sendto(packet, self.endpoint.addr)
+        except BlockingIOError:
+            counters.add("tx_full")
+        except OSError as exc:
+            return exc
+        else:
+            self.tx_bytes += len(packet)
+        return None
+
+
+class Route:
+    """Where data goes now: the carrying links (the active one first) and the flags
+    each data packet carries (ACTIVE, and COPIES with redundancy).  Immutable:
+    Steering makes a new one, and a drain uses the one current when it starts."""
+
+    __slots__ = ("carriers", "data_flags")
+
+    def __init__(self, carriers: Tuple[ClientLink, ...] = ()) -> None:
+        self.carriers = carriers
+        self.data_flags = TYPE_DATA | FLAG_ACTIVE | (max(0, len(carriers) - 1) << COPIES_SHIFT)
+
+    def heartbeat_flags(self, link: ClientLink) -> int:
+        """ACTIVE, with the number of copies, on the links data goes out on: where the
+        server sends replies (PROTOCOL.md, "Return path")."""
+        return TYPE_HEARTBEAT | (self.data_flags & (FLAG_ACTIVE | COPIES_MASK) if link in self.carriers else 0)
 
 
 class ClientSession:
@@ -1453,273 +1602,162 @@ class ClientSession:
         self.last_active = now
 
 
-class Client:
-    """The client side: local applications in, the best link out, replies back."""
+class ClientControl:
+    """What the client's data path reports to; each call comes after the drain that saw it."""
 
-    def __init__(self, config: "ClientConfig", reactor: Reactor, log: Log, resolver: Resolver) -> None:
+    def on_handshake_packet(self, link: ClientLink, packet: bytes) -> None: ...
+    def on_echo(self, link: ClientLink, seq: int, bitmap: int) -> None: ...
+    def on_send_error(self, link: ClientLink, exc: OSError) -> None: ...
+
+
+class ClientDataPath:
+    """Local applications in, sealed packets out on the route's links, replies back.
+
+    Reads `route` and `epoch`, which only control sets; owns the listen socket,
+    the buffers, the batches and the sessions.
+    """
+
+    def __init__(self, config: "ClientConfig", reactor: Reactor, log: Log, counters: Counters,
+                 control: ClientControl) -> None:
         self.config = config
         self.reactor = reactor
         self.log = log
-        self.resolver = resolver
-        self.counters = Counters()
-        self.static = StaticKeys(config.static_secret)
-        self.links = [self._make_link(i, spec, config) for i, spec in enumerate(config.links)]
-        self.policy = SwitchPolicy(config.switch_threshold, config.throughput_threshold_kbps,
-                                   max(MIN_DWELL_FLOOR_S, MIN_DWELL_HEARTBEATS * config.heartbeat_interval_s))
-        self.active = None  # type: Optional[ClientLink]
-        self.carriers = []  # type: List[ClientLink]  # the active link first, then copies' links
-        self._data_flags = TYPE_DATA | FLAG_ACTIVE
-        self.last_switch_at = None  # type: Optional[float]
+        self.counters = counters
+        self.control = control
+        self.route = Route()
         self.epoch = None  # type: Optional[Epoch]
+        self.listen_sock = None  # type: Optional[socket.socket]
         self.sessions_by_addr = {}  # type: Dict[tuple, ClientSession]
         self.sessions_by_id = {}  # type: Dict[int, ClientSession]
         # Random first id: after a restart, new sessions do not land on the
         # server's not-yet-expired sessions of the previous run.
         self._next_session_id = 1 + int.from_bytes(os.urandom(4), "big") % 0xFFFFFFFE
-        self._hello_nonce = None  # type: Optional[bytes]
-        self._hello_tries = 0
-        self._hello_timer = None  # type: Optional[Timer]
-        self._periodic = []  # type: List[Periodic]
-        self._last_score_file_at = None  # type: Optional[float]
-        self._buf = bytearray(RECV_BUFFER_SIZE)
+        self._buf = bytearray(RECV_BUFFER_SIZE)  # received packets, and copies sealed one by one
         self._view = memoryview(self._buf)
-        self._payload_view = self._view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
-        self._ctl = bytearray(OVERHEAD + 64)  # control packets, so they never clobber _buf
-        self._batch = SendBatch(self.counters)  # packets from local applications, sealed for a link
+        self._bufs = [self._view]  # for recvmsg_into
+        self._batch = SendBatch(self.counters)  # packets for one link, sealed in place
         self._app_batch = SendBatch(self.counters, "local_full")  # payloads for one local application
         self._app_batch_session = None  # type: Optional[ClientSession]
-        self._bufs = [self._view]  # for recvmsg_into
-        self.listen_sock = None  # type: Optional[socket.socket]
 
-    # -- life cycle ------------------------------------------------------------
-
-    def start(self) -> None:
+    def open(self) -> None:
         cfg = self.config
         family, sockaddr = listen_address(cfg.listen_host, cfg.listen_port)
         self.listen_sock = open_udp_socket(family, sockaddr)
-        self.reactor.add_reader(self.listen_sock, self._on_local_readable)
-        self.log.info("client %d listening on %s, %d link(s): %s" % (
-            cfg.client_id, format_address(self.listen_sock.getsockname()), len(self.links),
-            ", ".join(link.endpoint.text for link in self.links)))
-        now = self.reactor.time()
-        for link in self.links:
-            if link.addr is not None:
-                self._open_link_socket(link, at_start=True)
-            elif link.spec.bound:
-                self._probe_link_options(link)
-            link.endpoint.start(self.reactor, self.resolver, self.log, cfg.dns_refresh_interval_s)
-            link.next_hb_at = now
-        self.active = self.links[self.policy.choose(self._candidates(), None, None, now)[0]]
-        self.log.info("first choice: %s carries the traffic" % self.active.name)
-        self._set_carriers(self._candidates(), now)
-        self._periodic = [
-            self.reactor.call_every(cfg.heartbeat_interval_s, self.evaluate),
-            self.reactor.call_every(self._sweep_interval(), self._sweep),
-            self.reactor.call_every(DROP_SUMMARY_INTERVAL_S, self._log_drops),
-        ]
-        self._start_handshake()
-
-    def _sweep_interval(self) -> float:
-        return min(SWEEP_INTERVAL_CEILING_S, self.config.session_timeout_s / 4)
+        self.reactor.add_reader(self.listen_sock, self.on_local_readable)
 
     def close(self) -> None:
-        for periodic in self._periodic:
-            periodic.cancel()
-        self.reactor.cancel(self._hello_timer)
-        for link in self.links:
-            self._retire_link(link)
         if self.listen_sock is not None:
             self.reactor.remove_reader(self.listen_sock)
             self.listen_sock.close()
             self.listen_sock = None
 
-    # -- link sockets --------------------------------------------------------
+    def watch(self, link: ClientLink) -> None:
+        """Read the link's (new) socket."""
+        self.reactor.add_reader(link.sock, lambda: self.on_link_readable(link))
 
-    def _open_link_socket(self, link: ClientLink, at_start: bool = False) -> bool:
-        """Make the link's socket; False (logged) if its interface or address is not there
-        yet.  An option that cannot work (no permission) stops a start, and leaves the
-        link without a socket later (a reload, a new address)."""
-        try:
-            link.sock = open_link_socket(link.endpoint.family, link.spec)
-        except LinkSocketError as exc:
-            why = "%s: %s" % (link.name, exc.strerror)
-            if exc.waiting:
-                if link.waiting != exc.strerror:
-                    self.log.warn("%s; the link is down until that changes" % why)
-                link.waiting = exc.strerror
-                return False
-            if at_start:
-                raise OSError(why) from None
-            self.log.every("link-socket:%d" % link.index, ERROR_LOG_INTERVAL_S, "error", why)
-            return False
-        link.ifindex = interface_index(link.spec.bind_interface) if link.spec.bind_interface else 0
-        if link.spec.bind_interface and not link.ifindex:  # it went away just now: try again later
-            link.sock.close()
-            link.sock = None
-            link.waiting = "interface %s went away" % link.spec.bind_interface
-            return False
-        if link.waiting:
-            self.log.info("%s: its socket is ready again (%s was the trouble)" % (link.name, link.waiting))
-            link.waiting = ""
-        link.gro = enable_gro(link.sock)
-        self.reactor.add_reader(link.sock, lambda: self._on_link_readable(link))
-        return True
+    # -- application -> link ---------------------------------------------------
 
-    def _probe_link_options(self, link: ClientLink) -> None:
-        """At start, for a link whose host name is not resolved yet: its socket options
-        are tried on a throw-away socket, so a lacking permission stops the start now."""
-        spec = link.spec
-        try:
-            open_link_socket(spec.bind_addr[1] if spec.bind_addr else socket.AF_INET, spec).close()
-        except LinkSocketError as exc:
-            if not exc.waiting:
-                raise OSError("%s: %s" % (link.name, exc.strerror)) from None
-
-    def _close_link_socket(self, link: ClientLink) -> None:
-        if link.sock is not None:
-            self.reactor.remove_reader(link.sock)
-            link.sock.close()
-            link.sock = None
-
-    def _watch_link_sockets(self, now: float) -> None:
-        """Every heartbeat interval: make the sockets of links that have none (an interface
-        or address that was not there), and drop those whose interface was deleted or
-        made again (a new index: the old socket sends nowhere)."""
-        for link in self.links:
-            if link.sock is None:
-                if link.addr is not None and self._open_link_socket(link):
-                    self._link_socket_ready(link, now)
-            elif link.ifindex and interface_index(link.spec.bind_interface) != link.ifindex:
-                self._lose_link_socket(link, "interface %s went away" % link.spec.bind_interface, now)
-
-    def _link_socket_ready(self, link: ClientLink, now: float) -> None:
-        if self.epoch is None:
-            self._send_hello_on(link)
+    def on_local_readable(self) -> None:
+        carriers, epoch = self.route.carriers, self.epoch
+        if epoch is None or not carriers:
+            self._drain_without_route()
+        elif len(carriers) == 1:
+            self._send_on_one_link(carriers[0], epoch)
         else:
-            self._schedule_heartbeat(link, now)
+            self._send_copies(carriers, epoch)
 
-    def _lose_link_socket(self, link: ClientLink, why: str, now: float) -> None:
-        """The link cannot send any more (its interface or address is gone): down at once,
-        and its socket is made again when that comes back."""
-        self._close_link_socket(link)
-        link.waiting = why
-        self.log.warn("%s: %s; the link is down until it is back" % (link.name, why))
-        if link.health.force_down(now):
-            self._link_went_down(now)
-        else:
-            self._set_carriers(self._candidates(), now)
-
-    def _link_went_down(self, now: float) -> None:
-        """Traffic moves at once; with no link left up, a new handshake (perhaps the
-        server restarted and forgot our epoch)."""
-        self._evaluate_now(now)
-        if not any(l.health.up for l in self.links):
-            self._start_handshake()
-
-    def _on_address_change(self, endpoint: Endpoint) -> None:
-        link = next((l for l in self.links if l.endpoint is endpoint), None)
-        if link is None:
-            return  # a look-up that finished after a reload removed its link
-        if link.sock is None or link.sock.family != endpoint.family:
-            self._close_link_socket(link)
-            if not self._open_link_socket(link):
-                self._evaluate_now(self.reactor.time())  # no socket: not a carrier, nor a candidate
-                return
-        if self.epoch is None:
-            self._send_hello()
-        self._schedule_heartbeat(link, self.reactor.time())
-
-    def _link_error(self, link: ClientLink, exc: OSError) -> None:
-        self.counters.add("link_errors")
-        spec = link.spec
-        if (spec.bind_interface or spec.bind_addr) and exc.errno in WAITING_ERRNOS and link.sock is not None:
-            self._lose_link_socket(link, "%s (%s)" % (exc.strerror, spec.bind_interface or spec.bind_addr[0]),
-                                   self.reactor.time())
-            return
-        if exc.errno in UNREACHABLE_ERRNOS:
-            now = self.reactor.time()
-            if link.health.force_down(now):
-                self.log.warn("%s: %s; down until its heartbeats are answered again" % (link.name, exc))
-                self._link_went_down(now)
-                return
-        self.log.every("link-error:%d" % link.index, ERROR_LOG_INTERVAL_S, "warn",
-                       "%s: %s" % (link.name, exc))
-
-    # -- data path: local application -> link ---------------------------------
-
-    def _on_local_readable(self) -> None:
+    def _send_on_one_link(self, link: ClientLink, epoch: Epoch) -> None:
+        """Each packet is sealed in place in the batch, and they leave together (SendBatch)."""
         # Locals instead of attribute look-ups: this loop runs once per datagram.
-        sock = self.listen_sock
-        sessions = self.sessions_by_addr
-        client_id = self.config.client_id
-        pack_header = HEADER.pack_into
-        # One link: packets are sealed in place in the batch and leave together
-        # (SendBatch).  Copies for several links differ in their header, so they
-        # are sealed and sent one by one from the start of the batch's buffer.
+        sock, session_for = self.listen_sock, self._session_for
+        pack_header, flags = HEADER.pack_into, self.route.data_flags
+        client_id, link_index = self.config.client_id, link.index
         batch = self._batch
         buf, view = batch.buf, batch.view
-        carriers = self.carriers
-        if len(carriers) == 1:
-            link = carriers[0]
-            batch.aim(link.sock, (link.endpoint.addr,), link.on_send_error)
-        tx_before = batch.sent_bytes
-        while True:
-            if carriers is not self.carriers:
-                # A send error took the link away (no socket, or no route).  The batch
-                # is empty (a flush empties it before it sends); what is not yet read
-                # waits in the socket for the next pass, and the new link.
-                return
+        batch.aim(link.sock, (link.endpoint.addr,), link.on_send_error)
+        sent_before = batch.sent_bytes
+        # After a send error the rest stays unread: control hears of it once this drain
+        # is over, and may move the route (a link without a route any more).
+        while not batch.failed:
             try:
                 n, addr = sock.recvfrom_into(batch.room())
             except BlockingIOError:
                 break
             except OSError as exc:
-                self._socket_error("listen", exc)
+                self._socket_error(exc)
                 break
-            if n > MAX_DATA_PAYLOAD:
-                self.counters.add("oversize")
-                continue
-            session = sessions.get(addr)
+            session = session_for(addr, n)
             if session is None:
-                session = self._open_session(addr)
-                if session is None:
-                    continue
-            session.packets += 1
-            epoch = self.epoch
-            if epoch is None or not carriers:
-                self.counters.add("no_path")
                 continue
             epoch.tx_seq += 1
-            nonce = epoch.nonce_base | epoch.tx_seq
             start = batch.end
             end = start + HEADER_SIZE + n
-            if len(carriers) == 1:
-                pack_header(buf, start, self._data_flags, link.index, client_id, session.id, nonce)
-                m = epoch.tx_mac.copy()
-                m.update(view[start:end])
-                buf[end:end + MAC_SIZE] = m.digest()
-                batch.push(n + OVERHEAD)
+            pack_header(buf, start, flags, link_index, client_id, session.id, epoch.nonce_base | epoch.tx_seq)
+            m = epoch.tx_mac.copy()
+            m.update(view[start:end])
+            buf[end:end + MAC_SIZE] = m.digest()
+            batch.push(n + OVERHEAD)
+        batch.flush()
+        link.tx_bytes += batch.sent_bytes - sent_before
+
+    def _send_copies(self, carriers: Tuple[ClientLink, ...], epoch: Epoch) -> None:
+        """Redundancy: one sequence number for all copies, so the server takes the first to
+        arrive and its replay window drops the others.  Each copy names its own link, so
+        each has its own MAC, and is sealed and sent on its own."""
+        sock, session_for = self.listen_sock, self._session_for
+        flags, client_id = self.route.data_flags, self.config.client_id
+        buf, view = self._buf, self._view
+        payload_room = view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
+        while True:
+            try:
+                n, addr = sock.recvfrom_into(payload_room)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._socket_error(exc)
+                return
+            session = session_for(addr, n)
+            if session is None:
                 continue
-            # One sequence number for all copies: the server takes the first to
-            # arrive and its replay window drops the others.  Each copy names its
-            # own link, so each has its own MAC.
-            for other in carriers:
-                pack_header(buf, 0, self._data_flags, other.index, client_id, session.id, nonce)
-                m = epoch.tx_mac.copy()
-                m.update(view[:end])
-                buf[end:end + MAC_SIZE] = m.digest()
+            nonce = epoch.next_nonce()
+            for link in carriers:
+                length = seal_into(buf, epoch.tx_mac, flags, link.index, client_id, session.id, nonce, n)
                 try:
-                    other.sock.sendto(view[:end + MAC_SIZE], other.endpoint.addr)
+                    link.sock.sendto(view[:length], link.endpoint.addr)
                 except BlockingIOError:
                     self.counters.add("tx_full")
-                    continue
                 except OSError as exc:
-                    self._link_error(other, exc)
-                    continue
-                other.tx_bytes += end + MAC_SIZE
-        if len(carriers) == 1:
-            batch.flush()
-            link.tx_bytes += batch.sent_bytes - tx_before
+                    link.on_send_error(exc)
+                else:
+                    link.tx_bytes += length
+
+    def _drain_without_route(self) -> None:
+        """No epoch or no link to send on (yet, or any more): read and count, so the socket
+        does not wake the loop again for the same packets."""
+        room = self._view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
+        while True:
+            try:
+                n, addr = self.listen_sock.recvfrom_into(room)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._socket_error(exc)
+                return
+            if self._session_for(addr, n) is not None:
+                self.counters.add("no_path")
+
+    def _session_for(self, addr: tuple, n: int) -> Optional[ClientSession]:
+        """The session of a datagram of `n` bytes from `addr` (opened if new), or None if it is dropped."""
+        if n > MAX_DATA_PAYLOAD:
+            self.counters.add("oversize")
+            return None
+        session = self.sessions_by_addr.get(addr)
+        if session is None:
+            session = self._open_session(addr)
+            if session is None:
+                return None
+        session.packets += 1
+        return session
 
     def _open_session(self, addr: tuple) -> Optional[ClientSession]:
         if len(self.sessions_by_addr) >= self.config.max_sessions:
@@ -1738,329 +1776,8 @@ class Client:
         self.log.debug("session %08x opened for %s" % (session_id, format_address(addr)))
         return session
 
-    # -- data path: link -> local application ---------------------------------
-
-    def _on_link_readable(self, link: ClientLink) -> None:
-        # Payloads for the applications are gathered, a batch per session in a
-        # row, and sent when the drain ends.
-        try:
-            self._drain_link_socket(link)
-        finally:
-            self._app_batch.flush()
-            self._app_batch_session = None
-
-    def _drain_link_socket(self, link: ClientLink) -> None:
-        sock = link.sock
-        buf, view = self._buf, self._view
-        client_id = self.config.client_id
-        gro = link.gro
-        while sock is link.sock:  # an error below may close it
-            try:
-                if gro:  # several datagrams may come as one (GRO_NOTE)
-                    total, ancdata, _flags, _addr = sock.recvmsg_into(self._bufs, GRO_CMSG_SPACE)
-                    seg = gro_segment_size(ancdata, total) if ancdata else total
-                else:
-                    total = sock.recv_into(view)
-                    seg = total
-            except BlockingIOError:
-                return
-            except OSError as exc:  # e.g. ECONNREFUSED reported for an earlier send
-                self._link_error(link, exc)
-                return
-            for off in range(0, total, seg) if seg < total else (0,):
-                n = min(seg, total - off)
-                if n < OVERHEAD:
-                    self.counters.add("short")
-                    continue
-                type_flags, _link, packet_client, session_id, nonce = HEADER.unpack_from(buf, off)
-                kind = type_flags & TYPE_MASK
-                if packet_client != client_id:
-                    self.counters.add("bad_header")
-                    continue
-                if off and kind != TYPE_DATA:
-                    buf[:n] = view[off:off + n]  # control handlers read it at 0; off >= seg >= n
-                    off = 0
-                if kind == TYPE_WELCOME:
-                    self._on_welcome(n)
-                    continue
-                if kind == TYPE_COOKIE:
-                    self._on_cookie(link, n)
-                    continue
-                epoch = self.epoch
-                if epoch is None or nonce >> SEQ_BITS != epoch.tag:
-                    self.counters.add("stale_epoch")
-                    continue
-                seq = nonce & SEQ_MASK
-                if not epoch.window.fresh(seq):
-                    # A copy sent on another link too (redundancy), or a replay: dropped alike.
-                    self.counters.add("duplicate" if epoch.window.seen(seq) else "replay")
-                    continue
-                end = off + n - MAC_SIZE
-                m = epoch.rx_mac.copy()
-                m.update(view[off:end])
-                if not compare_digest(m.digest(), view[end:end + MAC_SIZE]):
-                    self.counters.add("auth")
-                    continue
-                epoch.window.mark(seq)
-                link.rx_bytes += n
-                if kind == TYPE_DATA:
-                    self._deliver(session_id, view[off + HEADER_SIZE:end])
-                elif kind == TYPE_ECHO and n == OVERHEAD + ECHO_PAYLOAD.size:
-                    hb_seq, bitmap = ECHO_PAYLOAD.unpack_from(buf, HEADER_SIZE)
-                    self._on_echo(link, hb_seq, bitmap)
-                else:
-                    self.counters.add("bad_type")
-
-    def _deliver(self, session_id: int, payload: memoryview) -> None:
-        session = self.sessions_by_id.get(session_id)
-        if session is None:
-            self.counters.add("no_session")
-            return
-        session.packets += 1
-        batch = self._app_batch
-        if session is not self._app_batch_session:
-            batch.aim(self.listen_sock, session.targets, self._on_listen_send_error)
-            self._app_batch_session = session
-        batch.append(payload)
-
-    def _on_listen_send_error(self, exc: OSError) -> None:
-        self._socket_error("listen", exc)
-
-    def _socket_error(self, what: str, exc: OSError) -> None:
-        self.counters.add("%s_errors" % what)
-        self.log.every("socket-error:" + what, ERROR_LOG_INTERVAL_S, "warn", "%s socket: %s" % (what, exc))
-
-    # -- handshake -----------------------------------------------------------
-
-    def _start_handshake(self) -> None:
-        """Agree a new epoch with the server (at start, and when every link went silent)."""
-        if self._hello_nonce is not None:
-            return
-        self._set_hello_nonce(self._new_hello_nonce())
-        self._hello_tries = 0
-        self._send_hello()
-
-    def _set_hello_nonce(self, nonce: bytes) -> None:
-        self._hello_nonce = nonce
-        for link in self.links:
-            link.cookie = bytes(NONCE_SIZE)  # a cookie is good for one nonce only
-
-    def _new_hello_nonce(self) -> bytes:
-        nonce = os.urandom(NONCE_SIZE)
-        while self.epoch is not None and epoch_tag(nonce) == self.epoch.tag:
-            nonce = os.urandom(NONCE_SIZE)
-        return nonce
-
-    def _send_hello(self) -> None:
-        self.reactor.cancel(self._hello_timer)
-        self._hello_timer = None
-        if self._hello_nonce is None:
-            return
-        self._hello_tries += 1
-        if self._hello_tries == HELLO_TRIES_BEFORE_WARNING:
-            self.log.warn("no answer from the server to %d handshakes on any link: is it running, and do "
-                          "server_public_key and the server's client_public_keys[%d] match these keys?" % (
-                              self._hello_tries - 1, self.config.client_id))
-        if self._hello_tries % HELLO_TRIES_PER_NONCE == 0:
-            # The same nonce a few times, so a WELCOME slower than one retry still
-            # matches; then a new one, in case the server cannot take this one (its
-            # tag may equal the server's epoch of our previous run).
-            self._set_hello_nonce(self._new_hello_nonce())
-        for link in self.links:
-            self._send_hello_on(link)
-        # Soon at first (the server may be starting at the same moment), then every heartbeat.
-        retry_s = min(HELLO_FIRST_RETRY_S * 2 ** (self._hello_tries - 1), self.config.heartbeat_interval_s)
-        self._hello_timer = self.reactor.call_later(retry_s, self._send_hello)
-
-    def _send_hello_on(self, link: ClientLink) -> None:
-        if link.sock is None or self._hello_nonce is None:
-            return
-        packet = seal(self.static.hello_mac, TYPE_HELLO, link.index, self.config.client_id, 0,
-                      epoch_tag(self._hello_nonce) << SEQ_BITS, HELLO_PAYLOAD.pack(self._hello_nonce, link.cookie))
-        try:
-            link.sock.sendto(packet, link.addr)
-        except OSError as exc:
-            self._link_error(link, exc)
-
-    def _on_cookie(self, link: ClientLink, n: int) -> None:
-        """The server wants proof that our HELLO is fresh: send it again, with the cookie, at once."""
-        if self._hello_nonce is None or n != OVERHEAD + COOKIE_PAYLOAD.size:
-            self.counters.add("stale_welcome")
-            return
-        if not verify(self.static.welcome_mac, self._view, n):
-            self.counters.add("auth")
-            return
-        client_nonce, cookie = COOKIE_PAYLOAD.unpack_from(self._buf, HEADER_SIZE)
-        if client_nonce != self._hello_nonce or cookie == link.cookie:
-            self.counters.add("stale_welcome")  # old, or a copy: one HELLO per cookie is enough
-            return
-        link.cookie = cookie
-        self._send_hello_on(link)
-
-    def _on_welcome(self, n: int) -> None:
-        if self._hello_nonce is None or n != OVERHEAD + WELCOME_PAYLOAD.size:
-            self.counters.add("stale_welcome")
-            return
-        if not verify(self.static.welcome_mac, self._view, n):
-            self.counters.add("auth")
-            return
-        client_nonce, server_nonce = WELCOME_PAYLOAD.unpack_from(self._buf, HEADER_SIZE)
-        if client_nonce != self._hello_nonce:
-            self.counters.add("stale_welcome")
-            return
-        self.epoch = Epoch(self.static.secret, client_nonce, server_nonce, is_client=True)
-        self._hello_nonce = None
-        self.reactor.cancel(self._hello_timer)
-        self._hello_timer = None
-        self.log.info("handshake done: epoch %04x" % self.epoch.tag)
-        now = self.reactor.time()
-        for link in self.links:  # the first packet under the new keys makes the server switch
-            self._schedule_heartbeat(link, now)
-
-    # -- heartbeats ------------------------------------------------------------
-
-    def _schedule_heartbeat(self, link: ClientLink, when: float) -> None:
-        self.reactor.cancel(link.hb_timer)
-        link.next_hb_at = when
-        link.hb_timer = self.reactor.call_at(when, self._heartbeat_tick, link)
-
-    def _heartbeat_tick(self, link: ClientLink) -> None:
-        now = self.reactor.time()
-        self._send_heartbeat(link, now)
-        health = link.health
-        interval = self.config.heartbeat_interval_s
-        if health.up and health.consecutive_fail:  # a link that just missed: probe faster
-            interval = min(interval, health.timeout() / 2)
-        self._schedule_heartbeat(link, max(link.next_hb_at + interval, now))
-
-    def _send_heartbeat(self, link: ClientLink, now: float) -> None:
-        epoch = self.epoch
-        if epoch is None or link.sock is None:
-            return
-        link.hb_seq = link.hb_seq % 0xFFFFFFFF + 1
-        ctl = self._ctl
-        HEARTBEAT_PAYLOAD.pack_into(ctl, HEADER_SIZE, link.hb_seq, 0)
-        # ACTIVE on the links data goes out on, with the number of copies: where the
-        # server sends replies (PROTOCOL.md, "Return path").
-        flags = TYPE_HEARTBEAT | (self._data_flags & (FLAG_ACTIVE | COPIES_MASK) if link.carrier else 0)
-        length = seal_into(ctl, epoch.tx_mac, flags, link.index, self.config.client_id, 0,
-                           epoch.next_nonce(), HEARTBEAT_PAYLOAD.size)
-        link.health.on_sent(link.hb_seq, now)
-        self.reactor.call_at(now + link.health.timeout(), self._on_heartbeat_timeout, link, link.hb_seq)
-        try:
-            link.sock.sendto(memoryview(ctl)[:length], link.addr)
-        except BlockingIOError:
-            self.counters.add("tx_full")
-        except OSError as exc:
-            self._link_error(link, exc)
-        else:
-            link.tx_bytes += length
-
-    def _on_heartbeat_timeout(self, link: ClientLink, seq: int) -> None:
-        if link not in self.links:
-            return  # removed by a reload: its heartbeat timer is cancelled, keep it so
-        now = self.reactor.time()
-        went_down = link.health.on_timeout(seq, now)
-        health = link.health
-        if health.up and health.consecutive_fail == 1 and link.next_hb_at - now > health.timeout() / 2:
-            self._schedule_heartbeat(link, now)  # first miss: probe at once, then fast
-        if went_down:
-            self.log.info("%s down after %d missed heartbeats" % (link.name, link.health.consecutive_fail))
-            self._link_went_down(now)
-
-    def _on_echo(self, link: ClientLink, seq: int, bitmap: int) -> None:
-        now = self.reactor.time()
-        if link.health.on_echo(seq, bitmap, now):
-            self.log.info("%s up, rtt %.1f ms" % (link.name, (link.health.srtt or 0) * 1000))
-            self._evaluate_now(now)
-
-    # -- choosing the active link -------------------------------------------
-
-    def _candidates(self) -> List[Candidate]:
-        cfg = self.config
-        return [Candidate(link.health.up and link.sock is not None, link.health.steady,
-                          link.health.score(cfg.loss_weight, cfg.rtt_weight, link.priority),
-                          link.meter.kbps())
-                for link in self.links]
-
-    def evaluate(self) -> None:
-        """The regular evaluation, every heartbeat interval."""
-        now = self.reactor.time()
-        self._watch_link_sockets(now)
-        for link in self.links:
-            link.meter.sample(now, link.tx_bytes + link.rx_bytes)
-        self._evaluate_now(now)
-        if self.log.debug_enabled:
-            for line in self.link_table():
-                self.log.debug(line)
-        self._maybe_write_score_file(now)
-
-    def _evaluate_now(self, now: float) -> None:
-        candidates = self._candidates()
-        active = self.active.index if self.active is not None else None
-        index, reason = self.policy.choose(candidates, active, self.last_switch_at, now)
-        if reason:
-            self._switch_to(self.links[index], reason, candidates, now)
-        self._set_carriers(candidates, now)
-
-    def copies_wanted(self) -> int:
-        """How many links carry each packet now: `redundancy`, or for "auto" two while
-        the active link has missed one of its last AUTO_REDUNDANCY_HEARTBEATS heartbeats."""
-        wanted = self.config.redundancy
-        if wanted == "auto":
-            active = self.active
-            lossy = active is not None and (active.health.consecutive_fail > 0 or not active.health.up
-                                            or active.health.recent_misses(AUTO_REDUNDANCY_HEARTBEATS) > 0)
-            return 2 if lossy else 1
-        return wanted
-
-    def _set_carriers(self, candidates: List[Candidate], now: float) -> None:
-        """The links data goes out on: the active one, then the best other up links while
-        redundancy asks for more copies.  A link that starts carrying is told to the
-        server at once, by a heartbeat."""
-        active = self.active
-        carriers = []  # type: List[ClientLink]
-        if active is not None and active.sock is not None:
-            carriers.append(active)
-            extra = self.copies_wanted() - 1
-            if extra > 0:
-                others = [l for l in self.links if l is not active and candidates[l.index].up]
-                others.sort(key=lambda l: candidates[l.index].score, reverse=True)
-                carriers.extend(others[:extra])
-        if carriers == self.carriers:
-            return
-        was = self.carriers
-        self.carriers = carriers
-        self._data_flags = TYPE_DATA | FLAG_ACTIVE | (max(0, len(carriers) - 1) << COPIES_SHIFT)
-        for link in self.links:
-            link.carrier = link in carriers
-        if (len(carriers) > 1 or len(was) > 1) and set(carriers) != set(was):
-            self.log.info("sending on %s" % (" + ".join(l.name for l in carriers) or "no link"))
-        for link in carriers:
-            if link not in was and self.epoch is not None:
-                self._schedule_heartbeat(link, now)  # tells the server to send replies on it
-
-    def _switch_to(self, link: ClientLink, reason: str, candidates: List[Candidate], now: float) -> None:
-        old = self.active
-        self.active = link
-        link.switches += 1
-        if old is not None and old.health.changed_at is None:
-            # The start-up choice never answered: not a failover, and no dwell time
-            # should keep the preferred link from taking over once it is steady.
-            self.log.info("first link up: %s carries the traffic" % link.name)
-        else:
-            self.last_switch_at = now
-            if old is None:  # the active link was removed by a reload
-                self.log.info("first choice: %s carries the traffic" % link.name)
-            else:
-                self.log.info("switch %s -> %s: %s (score %.1f -> %.1f)" % (
-                    old.name, link.name, reason, candidates[old.index].score, candidates[link.index].score))
-        self._schedule_heartbeat(link, now)  # tell the server at once where to send replies
-
-    # -- housekeeping --------------------------------------------------------
-
-    def _sweep(self) -> None:
-        now = self.reactor.time()
+    def expire_sessions(self, now: float) -> None:
+        """Forget the sessions that were silent for session_timeout_sec."""
         timeout = self.config.session_timeout_s
         for session in list(self.sessions_by_id.values()):
             if session.packets != session.seen_packets:
@@ -2070,20 +1787,642 @@ class Client:
                 del self.sessions_by_id[session.id]
                 del self.sessions_by_addr[session.addr]
                 self.log.debug("session %08x for %s expired" % (session.id, format_address(session.addr)))
-        if self.epoch is not None and self.epoch.tx_seq > SEQ_REKEY_AT:
+
+    # -- link -> application ---------------------------------------------------
+
+    def on_link_readable(self, link: ClientLink) -> None:
+        # Payloads for the applications are gathered, a batch per session in a
+        # row, and sent when the drain ends.
+        try:
+            self._drain_link(link)
+        finally:
+            self._app_batch.flush()
+            self._app_batch_session = None
+
+    def _drain_link(self, link: ClientLink) -> None:
+        buf, view = self._buf, self._view
+        client_id, counters, call_soon = self.config.client_id, self.counters, self.reactor.call_soon
+        epoch = self.epoch
+        try:
+            for off, n, _addr in receive_datagrams(link.sock, self._bufs, view, link.gro):
+                if n < OVERHEAD:
+                    counters.add("short")
+                    continue
+                type_flags, link_index, packet_client, session_id, nonce = HEADER.unpack_from(buf, off)
+                kind = type_flags & TYPE_MASK
+                if packet_client != client_id:
+                    counters.add("bad_header")
+                elif kind == TYPE_WELCOME or kind == TYPE_COOKIE:
+                    call_soon(self.control.on_handshake_packet, link, bytes(view[off:off + n]))
+                elif epoch is None or nonce >> SEQ_BITS != epoch.tag:
+                    counters.add("stale_epoch")
+                else:
+                    drop = epoch.open(view, off, n, nonce & SEQ_MASK)
+                    if drop:
+                        counters.add(drop)
+                        continue
+                    link.rx_bytes += n
+                    if kind == TYPE_DATA:
+                        self._deliver(session_id, view[off + HEADER_SIZE:off + n - MAC_SIZE])
+                    elif kind == TYPE_ECHO and n == OVERHEAD + ECHO_PAYLOAD.size:
+                        if link_index != link.index:  # an echo copied onto another link's socket
+                            counters.add("wrong_link")
+                            continue
+                        hb_seq, bitmap = ECHO_PAYLOAD.unpack_from(buf, off + HEADER_SIZE)
+                        call_soon(self.control.on_echo, link, hb_seq, bitmap)
+                    else:
+                        counters.add("bad_type")
+        except OSError as exc:  # e.g. ECONNREFUSED reported for an earlier send
+            call_soon(self.control.on_send_error, link, exc)
+
+    def _deliver(self, session_id: int, payload: memoryview) -> None:
+        session = self.sessions_by_id.get(session_id)
+        if session is None:
+            self.counters.add("no_session")
+            return
+        session.packets += 1
+        batch = self._app_batch
+        if session is not self._app_batch_session:
+            batch.aim(self.listen_sock, session.targets, self._socket_error)
+            self._app_batch_session = session
+        batch.append(payload)
+
+    def _socket_error(self, exc: OSError) -> None:
+        self.counters.add("listen_errors")
+        self.log.every("socket-error:listen", ERROR_LOG_INTERVAL_S, "warn", "listen socket: %s" % exc)
+
+
+class ClientHandshake:
+    """HELLO / COOKIE / WELCOME on every link until one WELCOME makes a new Epoch.
+
+    A HELLO is repeated, soon at first then every heartbeat interval, on every
+    link with a socket.  The same nonce goes out a few times, so a WELCOME
+    slower than one retry still matches, then a new one.
+    """
+
+    def __init__(self, reactor: Reactor, log: Log, counters: Counters, static: StaticKeys, client_id: int,
+                 links: Callable[[], Sequence[ClientLink]], on_epoch: Callable[[Epoch], None]) -> None:
+        self.reactor = reactor
+        self.log = log
+        self.counters = counters
+        self.static = static
+        self.client_id = client_id
+        self.links = links
+        self.on_epoch = on_epoch
+        self.retry_ceiling_s = 1.0  # the heartbeat interval, set by the Client
+        self.nonce = None  # type: Optional[bytes]  # None: no handshake under way
+        self.avoid_tag = -1  # the running epoch's tag: a new epoch must differ
+        self._cookies = {}  # type: Dict[ClientLink, bytes]  # the server's cookie for `nonce`, per path
+        self._tries = 0
+        self._timer = None  # type: Optional[Timer]
+
+    @property
+    def under_way(self) -> bool:
+        return self.nonce is not None
+
+    def start(self, avoid_tag: int = -1) -> None:
+        """Agree a new epoch (at start, when every link went silent, before the counter wraps)."""
+        if self.nonce is not None:
+            return
+        self.avoid_tag = avoid_tag
+        self._new_nonce()
+        self._tries = 0
+        self._send_all()
+
+    def close(self) -> None:
+        self.reactor.cancel(self._timer)
+        self._timer = None
+
+    def _new_nonce(self) -> None:
+        nonce = os.urandom(NONCE_SIZE)
+        while epoch_tag(nonce) == self.avoid_tag:
+            nonce = os.urandom(NONCE_SIZE)
+        self.nonce = nonce
+        self._cookies = {}  # a cookie is good for one nonce only
+
+    def _send_all(self) -> None:
+        self._timer = None
+        self._tries += 1
+        if self._tries == HELLO_TRIES_BEFORE_WARNING:
+            self.log.warn("no answer from the server to %d handshakes on any link: is it running, and do "
+                          "server_public_key and the server's client_public_keys[%d] match these keys?" % (
+                              self._tries - 1, self.client_id))
+        if self._tries % HELLO_TRIES_PER_NONCE == 0:
+            # Then a new nonce, in case the server cannot take this one (its tag
+            # may equal the server's epoch of our previous run).
+            self._new_nonce()
+        for link in self.links():
+            self.send_on(link)
+        retry_s = min(HELLO_FIRST_RETRY_S * 2 ** (self._tries - 1), self.retry_ceiling_s)
+        self._timer = self.reactor.call_later(retry_s, self._send_all)
+
+    def send_on(self, link: ClientLink) -> None:
+        """A HELLO on one link (one that just got its socket, or a COOKIE's answer)."""
+        if link.sock is None or self.nonce is None:
+            return
+        packet = seal(self.static.hello_mac, TYPE_HELLO, link.index, self.client_id, 0,
+                      epoch_tag(self.nonce) << SEQ_BITS,
+                      HELLO_PAYLOAD.pack(self.nonce, self._cookies.get(link, bytes(NONCE_SIZE))))
+        exc = link.send(memoryview(packet), self.counters)
+        if exc is not None:
+            link.on_send_error(exc)
+
+    def on_packet(self, link: ClientLink, packet: bytes) -> None:
+        """A WELCOME or COOKIE from the server (the data path checked its client id only)."""
+        if self.nonce is None or len(packet) != OVERHEAD + WELCOME_PAYLOAD.size:
+            self.counters.add("stale_welcome")
+            return
+        if not verify(self.static.welcome_mac, packet, len(packet)):
+            self.counters.add("auth")
+            return
+        client_nonce, value = WELCOME_PAYLOAD.unpack_from(packet, HEADER_SIZE)
+        if client_nonce != self.nonce:
+            self.counters.add("stale_welcome")
+        elif packet[0] & TYPE_MASK == TYPE_COOKIE:
+            self._on_cookie(link, value)
+        else:
+            self._on_welcome(client_nonce, value)
+
+    def _on_cookie(self, link: ClientLink, cookie: bytes) -> None:
+        """The server wants proof that our HELLO is fresh: send it again, with the cookie, at once."""
+        if cookie == self._cookies.get(link):
+            self.counters.add("stale_welcome")  # a copy: one HELLO per cookie is enough
+            return
+        self._cookies[link] = cookie
+        self.send_on(link)
+
+    def _on_welcome(self, client_nonce: bytes, server_nonce: bytes) -> None:
+        epoch = Epoch(self.static.secret, client_nonce, server_nonce, is_client=True)
+        self.nonce = None
+        self.close()
+        self.log.info("handshake done: epoch %04x" % epoch.tag)
+        self.on_epoch(epoch)
+
+
+class LinkMonitor:
+    """The links' heartbeats: when each is sent, when each times out, what the echoes say.
+
+    Every link is probed every heartbeat interval; after a first miss, at once and
+    then every half timeout (LinkHealth's essay).  The monitor owns every heartbeat
+    and timeout timer, and reports a link that comes up or goes down.
+    """
+
+    def __init__(self, reactor: Reactor, counters: Counters, client_id: int, data: ClientDataPath,
+                 on_up: Callable[[ClientLink], None], on_down: Callable[[ClientLink], None]) -> None:
+        self.reactor = reactor
+        self.counters = counters
+        self.client_id = client_id
+        self.data = data  # read only: the epoch to seal with, the route for the ACTIVE flag
+        self.on_up = on_up
+        self.on_down = on_down
+        self.interval_s = 1.0  # heartbeat_interval_sec, set by the Client
+        self._beats = {}  # type: Dict[ClientLink, _LinkBeats]
+        self._ctl = bytearray(OVERHEAD + HEARTBEAT_PAYLOAD.size)
+
+    def beat_at(self, link: ClientLink, when: float) -> None:
+        """The link's next heartbeat goes at `when` (sooner or later than planned)."""
+        beats = self._beats.get(link)
+        if beats is None:
+            beats = self._beats[link] = _LinkBeats()
+        self.reactor.cancel(beats.timer)
+        beats.next_at = when
+        beats.timer = self.reactor.call_at(when, self._tick, link)
+
+    def beat_now(self, link: ClientLink) -> None:
+        self.beat_at(link, self.reactor.time())
+
+    def watching(self, link: ClientLink) -> bool:
+        return link in self._beats
+
+    def forget(self, link: ClientLink) -> None:
+        """A removed link: none of its timers fires any more."""
+        beats = self._beats.pop(link, None)
+        if beats is not None:
+            self.reactor.cancel(beats.timer)
+            for timer in beats.timeouts.values():
+                self.reactor.cancel(timer)
+
+    def close(self) -> None:
+        for link in list(self._beats):
+            self.forget(link)
+
+    def _tick(self, link: ClientLink) -> None:
+        now = self.reactor.time()
+        beats = self._beats[link]
+        self._send(link, beats, now)
+        health = link.health
+        interval = self.interval_s
+        if health.up and health.consecutive_fail:  # a link that just missed: probe faster
+            interval = min(interval, health.timeout() / 2)
+        self.beat_at(link, max(beats.next_at + interval, now))
+
+    def _send(self, link: ClientLink, beats: "_LinkBeats", now: float) -> None:
+        epoch = self.data.epoch
+        if epoch is None or link.sock is None:
+            return
+        beats.seq = seq = beats.seq % 0xFFFFFFFF + 1
+        ctl = self._ctl
+        HEARTBEAT_PAYLOAD.pack_into(ctl, HEADER_SIZE, seq, 0)
+        length = seal_into(ctl, epoch.tx_mac, self.data.route.heartbeat_flags(link), link.index, self.client_id,
+                           0, epoch.next_nonce(), HEARTBEAT_PAYLOAD.size)
+        link.health.on_sent(seq, now)
+        beats.timeouts[seq] = self.reactor.call_at(now + link.health.timeout(), self._timed_out, link, seq)
+        exc = link.send(memoryview(ctl)[:length], self.counters)
+        if exc is not None:
+            link.on_send_error(exc)
+
+    def _timed_out(self, link: ClientLink, seq: int) -> None:
+        beats = self._beats[link]
+        del beats.timeouts[seq]
+        now = self.reactor.time()
+        health = link.health
+        went_down = health.on_timeout(seq, now)
+        if health.up and health.consecutive_fail == 1 and beats.next_at - now > health.timeout() / 2:
+            self.beat_now(link)  # first miss: probe at once, then fast
+        if went_down:
+            self.on_down(link)
+
+    def on_echo(self, link: ClientLink, seq: int, bitmap: int) -> None:
+        beats = self._beats.get(link)
+        if beats is None:
+            return  # the link was removed by a reload
+        timer = beats.timeouts.pop(seq, None)
+        self.reactor.cancel(timer)
+        if link.health.on_echo(seq, bitmap, self.reactor.time()):
+            self.on_up(link)
+
+
+class _LinkBeats:
+    """One link's heartbeat counter and timers (LinkMonitor's own)."""
+
+    __slots__ = ("seq", "next_at", "timer", "timeouts")
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.next_at = 0.0
+        self.timer = None  # type: Optional[Timer]
+        self.timeouts = {}  # type: Dict[int, Timer]  # heartbeat seq -> its timeout
+
+
+class Steering:
+    """The one place that decides where data goes: the active link (SwitchPolicy) and,
+    with redundancy, the other links that carry copies; published as a Route."""
+
+    def __init__(self, config: "ClientConfig", log: Log) -> None:
+        self.log = log
+        self.active = None  # type: Optional[ClientLink]
+        self.last_switch_at = None  # type: Optional[float]
+        self.configure(config)
+
+    def configure(self, config: "ClientConfig") -> None:
+        self.config = config
+        self.policy = SwitchPolicy(config.switch_threshold, config.throughput_threshold_kbps,
+                                   max(MIN_DWELL_FLOOR_S, MIN_DWELL_HEARTBEATS * config.heartbeat_interval_s))
+
+    def candidates(self, links: Sequence[ClientLink]) -> List[Candidate]:
+        cfg = self.config
+        return [Candidate(link.health.up and link.sock is not None, link.health.steady,
+                          link.health.score(cfg.loss_weight, cfg.rtt_weight, link.priority),
+                          link.meter.kbps())
+                for link in links]
+
+    def first_choice(self, links: Sequence[ClientLink], now: float) -> Route:
+        self.active = links[self.policy.choose(self.candidates(links), None, None, now)[0]]
+        self.log.info("first choice: %s carries the traffic" % self.active.name)
+        return self.route(links, self.candidates(links))
+
+    def forget(self, link: ClientLink) -> None:
+        """A link removed by a reload: if it was active, the next evaluation chooses anew."""
+        if link is self.active:
+            self.active = None
+
+    def evaluate(self, links: Sequence[ClientLink], now: float) -> Route:
+        """Switch if the policy says so; the route that follows."""
+        candidates = self.candidates(links)
+        active = self.active.index if self.active is not None else None
+        index, reason = self.policy.choose(candidates, active, self.last_switch_at, now)
+        if reason:
+            self._switch_to(links[index], reason, candidates, now)
+        return self.route(links, candidates)
+
+    def _switch_to(self, link: ClientLink, reason: str, candidates: List[Candidate], now: float) -> None:
+        old = self.active
+        self.active = link
+        link.switches += 1
+        if old is not None and old.health.changed_at is None:
+            # The start-up choice never answered: not a failover, and no dwell time
+            # should keep the preferred link from taking over once it is steady.
+            self.log.info("first link up: %s carries the traffic" % link.name)
+            return
+        self.last_switch_at = now
+        if old is None:  # the active link was removed by a reload
+            self.log.info("first choice: %s carries the traffic" % link.name)
+        else:
+            self.log.info("switch %s -> %s: %s (score %.1f -> %.1f)" % (
+                old.name, link.name, reason, candidates[old.index].score, candidates[link.index].score))
+
+    def copies_wanted(self) -> int:
+        """How many links carry each packet now: `redundancy`, or for "auto" two while
+        the active link has missed one of its last AUTO_REDUNDANCY_HEARTBEATS heartbeats."""
+        wanted = self.config.redundancy
+        if wanted == "auto":
+            health = self.active.health if self.active is not None else None
+            lossy = health is not None and (health.consecutive_fail > 0 or not health.up
+                                            or health.recent_misses(AUTO_REDUNDANCY_HEARTBEATS) > 0)
+            return 2 if lossy else 1
+        return wanted
+
+    def route(self, links: Sequence[ClientLink], candidates: List[Candidate]) -> Route:
+        """The active link, then the best other up links while redundancy asks for more copies."""
+        active = self.active
+        if active is None or active.sock is None:
+            return Route()
+        extra = self.copies_wanted() - 1
+        others = []  # type: List[ClientLink]
+        if extra > 0:
+            others = [l for l in links if l is not active and candidates[l.index].up]
+            others.sort(key=lambda l: candidates[l.index].score, reverse=True)
+        return Route((active,) + tuple(others[:extra]))
+
+
+class Client(ClientControl):
+    """The client side: wires the data path, the handshake, the monitor and steering."""
+
+    def __init__(self, config: "ClientConfig", reactor: Reactor, log: Log, resolver: Resolver) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.log = log
+        self.resolver = resolver
+        self.counters = Counters()
+        self.static = StaticKeys(config.static_secret)
+        self.links = [self._make_link(i, spec, config) for i, spec in enumerate(config.links)]
+        self.data = ClientDataPath(config, reactor, log, self.counters, self)
+        self.handshake = ClientHandshake(reactor, log, self.counters, self.static, config.client_id,
+                                         lambda: self.links, self._on_new_epoch)
+        self.monitor = LinkMonitor(reactor, self.counters, config.client_id, self.data,
+                                   self._on_link_up, self._on_link_down)
+        self.steering = Steering(config, log)
+        self._apply_intervals(config)
+        self._evaluation = None  # type: Optional[Periodic]
+        self._sweep_timer = None  # type: Optional[Periodic]
+        self._drop_summary = None  # type: Optional[Periodic]
+        self._last_drop_report = None  # type: Optional[Dict[str, int]]
+        self._last_score_file_at = None  # type: Optional[float]
+
+    # -- what the data path reads, for tests and status ------------------------
+
+    @property
+    def epoch(self) -> Optional[Epoch]:
+        return self.data.epoch
+
+    @property
+    def active(self) -> Optional[ClientLink]:
+        return self.steering.active
+
+    @property
+    def listen_sock(self) -> Optional[socket.socket]:
+        return self.data.listen_sock
+
+    @property
+    def sessions_by_id(self) -> Dict[int, ClientSession]:
+        return self.data.sessions_by_id
+
+    # -- life cycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.config
+        self.data.open()
+        self.log.info("client %d listening on %s, %d link(s): %s" % (
+            cfg.client_id, format_address(self.listen_sock.getsockname()), len(self.links),
+            ", ".join(link.endpoint.text for link in self.links)))
+        for link in self.links:
+            if link.addr is not None:
+                self._open_link_socket(link, at_start=True)
+            elif link.spec.bound:
+                self._probe_link_options(link)
+            link.endpoint.start(self.reactor, self.resolver, self.log, cfg.dns_refresh_interval_s)
+        self._publish(self.steering.first_choice(self.links, self.reactor.time()))
+        self._evaluation = self.reactor.call_every(cfg.heartbeat_interval_s, self.evaluate)
+        self._sweep_timer = self.reactor.call_every(self._sweep_interval(), self._sweep)
+        self._drop_summary = self.reactor.call_every(DROP_SUMMARY_INTERVAL_S, self._log_drops)
+        self.handshake.start()
+
+    def close(self) -> None:
+        for periodic in (self._evaluation, self._sweep_timer, self._drop_summary):
+            if periodic is not None:
+                periodic.cancel()
+        self.handshake.close()
+        self.monitor.close()
+        for link in self.links:
+            self._retire_link(link)
+        self.data.close()
+
+    def _sweep_interval(self) -> float:
+        return min(SWEEP_INTERVAL_CEILING_S, self.config.session_timeout_s / 4)
+
+    def _apply_intervals(self, config: "ClientConfig") -> None:
+        self.handshake.retry_ceiling_s = config.heartbeat_interval_s
+        self.monitor.interval_s = config.heartbeat_interval_s
+
+    # -- what the data path reports (after its drain) --------------------------
+
+    def on_handshake_packet(self, link: ClientLink, packet: bytes) -> None:
+        self.handshake.on_packet(link, packet)
+
+    def on_echo(self, link: ClientLink, seq: int, bitmap: int) -> None:
+        self.monitor.on_echo(link, seq, bitmap)
+
+    def on_send_error(self, link: ClientLink, exc: OSError) -> None:
+        if link not in self.links:
+            return  # removed by a reload since
+        self.counters.add("link_errors")
+        spec = link.spec
+        if (spec.bind_interface or spec.bind_addr) and exc.errno in WAITING_ERRNOS and link.sock is not None:
+            self._lose_link_socket(link, "%s (%s)" % (exc.strerror, spec.bind_interface or spec.bind_addr[0]))
+            return
+        if exc.errno in UNREACHABLE_ERRNOS and link.health.force_down(self.reactor.time()):
+            self.log.warn("%s: %s; down until its heartbeats are answered again" % (link.name, exc))
+            self._link_went_down()
+            return
+        self.log.every("link-error:%d" % link.index, ERROR_LOG_INTERVAL_S, "warn", "%s: %s" % (link.name, exc))
+
+    # -- handshake and monitor events ------------------------------------------
+
+    def _on_new_epoch(self, epoch: Epoch) -> None:
+        self.data.epoch = epoch
+        for link in self.links:  # the first packet under the new keys makes the server switch
+            self.monitor.beat_now(link)
+
+    def _on_link_up(self, link: ClientLink) -> None:
+        self.log.info("%s up, rtt %.1f ms" % (link.name, (link.health.srtt or 0) * 1000))
+        self._steer()
+
+    def _on_link_down(self, link: ClientLink) -> None:
+        self.log.info("%s down after %d missed heartbeats" % (link.name, link.health.consecutive_fail))
+        self._link_went_down()
+
+    def _link_went_down(self) -> None:
+        """Traffic moves at once; with no link left up, a new handshake (perhaps the
+        server restarted and forgot our epoch)."""
+        self._steer()
+        if not any(l.health.up for l in self.links):
+            self._start_handshake()
+
+    def _start_handshake(self) -> None:
+        self.handshake.start(self.data.epoch.tag if self.data.epoch is not None else -1)
+
+    # -- steering --------------------------------------------------------------
+
+    def evaluate(self) -> None:
+        """The regular evaluation, every heartbeat interval."""
+        now = self.reactor.time()
+        self._watch_link_sockets()
+        for link in self.links:
+            link.meter.sample(now, link.tx_bytes + link.rx_bytes)
+        self._steer()
+        if self.log.debug_enabled:
+            for line in self.link_table():
+                self.log.debug(line)
+        self._maybe_write_score_file(now)
+
+    def _steer(self) -> None:
+        self._publish(self.steering.evaluate(self.links, self.reactor.time()))
+
+    def _publish(self, route: Route) -> None:
+        """The data path sends on `route` from its next drain.  A link that starts
+        carrying is told to the server at once, by a heartbeat."""
+        was = self.data.route.carriers
+        if route.carriers == was:
+            return
+        self.data.route = route
+        if (len(route.carriers) > 1 or len(was) > 1) and set(route.carriers) != set(was):
+            self.log.info("sending on %s" % (" + ".join(l.name for l in route.carriers) or "no link"))
+        if self.data.epoch is not None:
+            was_active = was[0] if was else None
+            for link in route.carriers:
+                if link not in was or (link is route.carriers[0] and link is not was_active):
+                    self.monitor.beat_now(link)
+
+    # -- link sockets ----------------------------------------------------------
+
+    def _open_link_socket(self, link: ClientLink, at_start: bool = False) -> bool:
+        """Make the link's socket; False (logged) if its interface or address is not there
+        yet.  An option that cannot work (no permission) stops a start, and leaves the
+        link without a socket later (a reload, a new address)."""
+        try:
+            link.open_socket()
+        except LinkSocketError as exc:
+            why = "%s: %s" % (link.name, exc.strerror)
+            if exc.waiting:
+                if link.waiting != exc.strerror:
+                    self.log.warn("%s; the link is down until that changes" % why)
+                link.waiting = exc.strerror
+                return False
+            if at_start:
+                raise OSError(why) from None
+            self.log.every("link-socket:%d" % link.index, ERROR_LOG_INTERVAL_S, "error", why)
+            return False
+        if link.spec.bind_interface and not link.ifindex:  # it went away just now: try again later
+            link.close_socket(self.reactor)
+            link.waiting = "interface %s went away" % link.spec.bind_interface
+            return False
+        if link.waiting:
+            self.log.info("%s: its socket is ready again (%s was the trouble)" % (link.name, link.waiting))
+            link.waiting = ""
+        self.data.watch(link)
+        return True
+
+    def _probe_link_options(self, link: ClientLink) -> None:
+        """At start, for a link whose host name is not resolved yet: its socket options
+        are tried on a throw-away socket, so a lacking permission stops the start now."""
+        spec = link.spec
+        try:
+            open_link_socket(spec.bind_addr[1] if spec.bind_addr else socket.AF_INET, spec).close()
+        except LinkSocketError as exc:
+            if not exc.waiting:
+                raise OSError("%s: %s" % (link.name, exc.strerror)) from None
+
+    def _watch_link_sockets(self) -> None:
+        """Every heartbeat interval: make the sockets of links that have none (an interface
+        or address that was not there), and drop those whose interface was deleted or
+        made again (a new index: the old socket sends nowhere)."""
+        for link in self.links:
+            if link.sock is None:
+                if link.addr is not None and self._open_link_socket(link):
+                    self._link_socket_ready(link)
+            elif link.ifindex and interface_index(link.spec.bind_interface) != link.ifindex:
+                self._lose_link_socket(link, "interface %s went away" % link.spec.bind_interface)
+
+    def _link_socket_ready(self, link: ClientLink) -> None:
+        if self.data.epoch is None:
+            self.handshake.send_on(link)
+        else:
+            self.monitor.beat_now(link)
+
+    def _lose_link_socket(self, link: ClientLink, why: str) -> None:
+        """The link cannot send any more (its interface or address is gone): down at once,
+        and its socket is made again when that comes back."""
+        link.close_socket(self.reactor)
+        link.waiting = why
+        self.log.warn("%s: %s; the link is down until it is back" % (link.name, why))
+        if link.health.force_down(self.reactor.time()):
+            self._link_went_down()
+        else:
+            self._steer()
+
+    def _on_address_change(self, endpoint: Endpoint) -> None:
+        link = next((l for l in self.links if l.endpoint is endpoint), None)
+        if link is None:
+            return  # a look-up that finished after a reload removed its link
+        if link.sock is None or link.sock.family != endpoint.family:
+            link.close_socket(self.reactor)
+            if not self._open_link_socket(link):
+                self._steer()  # no socket: not a carrier, nor a candidate
+                return
+        if self.data.epoch is None:
+            self.handshake.send_on(link)
+        else:
+            self.monitor.beat_now(link)
+
+    def _make_link(self, index: int, spec: "LinkConfig", config: "ClientConfig") -> ClientLink:
+        link = ClientLink(index, spec, self._on_address_change, config.max_consecutive_fail,
+                          recovery_hold_s(config))
+        # Made once, so the data path passes it without building a closure per drain;
+        # it only queues the error, for after the drain.
+        link.on_send_error = lambda exc: self.reactor.call_soon(self.on_send_error, link, exc)
+        return link
+
+    def _new_link(self, index: int, spec: "LinkConfig") -> ClientLink:
+        link = self._make_link(index, spec, self.config)
+        if link.addr is not None:
+            self._open_link_socket(link)
+        link.endpoint.start(self.reactor, self.resolver, self.log, self.config.dns_refresh_interval_s)
+        if self.data.epoch is not None:
+            self.monitor.beat_now(link)
+        return link
+
+    def _retire_link(self, link: ClientLink) -> None:
+        link.endpoint.close()
+        self.monitor.forget(link)
+        self.steering.forget(link)
+        link.close_socket(self.reactor)
+
+    # -- housekeeping ----------------------------------------------------------
+
+    def _sweep(self) -> None:
+        self.data.expire_sessions(self.reactor.time())
+        if self.data.epoch is not None and self.data.epoch.tx_seq > SEQ_REKEY_AT:
             self._start_handshake()
 
     def _log_drops(self) -> None:
-        self._last_drop_report = log_counter_summary(self.log, "client", self.counters,
-                                                     self._last_drop_report)
-
-    _last_drop_report = None  # type: Optional[Dict[str, int]]
+        self._last_drop_report = log_counter_summary(self.log, "client", self.counters, self._last_drop_report)
 
     def status(self) -> Dict[str, Any]:
         """The state a person or a script wants to see (no keys in it)."""
         cfg = self.config
+        carriers = self.data.route.carriers
         links = []
-        for link, cand in zip(self.links, self._candidates()):
+        for link, cand in zip(self.links, self.steering.candidates(self.links)):
             health = link.health
             links.append({
                 "index": link.index,
@@ -2101,7 +2440,7 @@ class Client:
                 "kbps": round(cand.kbps, 1),
                 "priority": link.priority,
                 "active": link is self.active,
-                "carrier": link.carrier,
+                "carrier": link in carriers,
                 "switches": link.switches,
             })
             if link.spec.bound:
@@ -2109,14 +2448,15 @@ class Client:
             if link.waiting:
                 links[-1]["waiting"] = link.waiting
         now = self.reactor.time()
+        last_switch_at = self.steering.last_switch_at
         return {
             "mode": "client",
             "pid": os.getpid(),
             "client_id": cfg.client_id,
-            "last_switch_ago_s": None if self.last_switch_at is None else round(now - self.last_switch_at, 1),
+            "last_switch_ago_s": None if last_switch_at is None else round(now - last_switch_at, 1),
             "epoch": "%04x" % self.epoch.tag if self.epoch else None,
-            "sessions": len(self.sessions_by_id),
-            "copies": len(self.carriers),
+            "sessions": len(self.data.sessions_by_id),
+            "copies": len(carriers),
             "links": links,
             "counters": dict(self.counters),
         }
@@ -2136,10 +2476,9 @@ class Client:
         bind_addr, fwmark), so a kept link keeps its socket, its measurements and,
         if it was active, the traffic; sessions are untouched.
         """
-        now = self.reactor.time()
         kept, retired = self._links_kept_by(new)
         refresh_changed = new.dns_refresh_interval_s != self.config.dns_refresh_interval_s
-        self.config = new
+        self.config = self.data.config = new
         links = []
         for index, (spec, link) in enumerate(zip(new.links, kept)):
             if link is None:
@@ -2148,7 +2487,7 @@ class Client:
             elif refresh_changed:
                 link.endpoint.close()
                 link.endpoint.start(self.reactor, self.resolver, self.log, new.dns_refresh_interval_s)
-            link.index, link.priority, link.spec = index, spec.priority, spec
+            link.index, link.spec = index, spec
             link.health.max_consecutive_fail = new.max_consecutive_fail
             link.health.recovery_hold_s = recovery_hold_s(new)
             links.append(link)
@@ -2156,14 +2495,11 @@ class Client:
             self.log.info("reload: %s removed%s" % (link.name, _via(link.spec)))
             self._retire_link(link)
         self.links = links
-        if self.active is not None and self.active not in links:
-            self.active = None
-        self.carriers = [l for l in self.carriers if l in links]
-        self.policy = SwitchPolicy(new.switch_threshold, new.throughput_threshold_kbps,
-                                   max(MIN_DWELL_FLOOR_S, MIN_DWELL_HEARTBEATS * new.heartbeat_interval_s))
-        self._periodic[0].interval = new.heartbeat_interval_s
-        self._periodic[1].interval = self._sweep_interval()
-        self._evaluate_now(now)
+        self.steering.configure(new)
+        self._apply_intervals(new)
+        self._evaluation.interval = new.heartbeat_interval_s
+        self._sweep_timer.interval = self._sweep_interval()
+        self._steer()
 
     def _links_kept_by(self, new: "ClientConfig") -> Tuple[List[Optional[ClientLink]], List[ClientLink]]:
         """For each of the new config's links the running link it keeps (same remote
@@ -2178,27 +2514,6 @@ class Client:
             same_way = running.get((spec.remote_addr, spec.socket_options))
             kept.append(same_way.pop(0) if same_way else None)
         return kept, [link for same_way in running.values() for link in same_way]
-
-    def _make_link(self, index: int, spec: "LinkConfig", config: "ClientConfig") -> ClientLink:
-        link = ClientLink(index, spec, self._on_address_change, config.max_consecutive_fail,
-                          recovery_hold_s(config))
-        link.on_send_error = lambda exc: self._link_error(link, exc)  # made once: the data path passes it
-        return link
-
-    def _new_link(self, index: int, spec: "LinkConfig") -> ClientLink:
-        link = self._make_link(index, spec, self.config)
-        if link.addr is not None:
-            self._open_link_socket(link)
-        link.endpoint.start(self.reactor, self.resolver, self.log, self.config.dns_refresh_interval_s)
-        if self.epoch is not None:
-            self._schedule_heartbeat(link, self.reactor.time())
-        return link
-
-    def _retire_link(self, link: ClientLink) -> None:
-        link.endpoint.close()
-        self.reactor.cancel(link.hb_timer)
-        link.hb_timer = None
-        self._close_link_socket(link)
 
     def _maybe_write_score_file(self, now: float) -> None:
         path = self.config.score_file
@@ -2314,18 +2629,101 @@ def log_counter_summary(log: Log, who: str, counters: Counters, last: Optional[D
 # state.  A replayed WELCOME does not match the client's nonce.  After either
 # side restarts, the old epoch's keys are gone, so old packets no longer
 # verify at all.
+#
+# The server is split as the client is: ServerDataPath carries the packets
+# (link -> upstream in on_listen_readable, upstream -> link in
+# on_upstream_readable) and only reads each Peer's epochs and ReturnPath;
+# ServerHandshake answers HELLOs; Server wires them, and handles what the data
+# path reports after each drain (a HELLO, a heartbeat, a confirmed epoch, a
+# moved return path).
+
+
+class ReturnPath:
+    """Where a client's replies go (PROTOCOL.md, "Return path"): the link and address of
+    its newest ACTIVE packet and, with redundancy, the links of the next newest, COPIES
+    + 1 in all.  It is shown fresh, authenticated packets only, and an ACTIVE packet
+    older than the newest never moves the path back."""
+
+    __slots__ = ("addr", "link", "seq", "copies_bits", "addrs", "links", "_carriers")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """No path: the client fell silent."""
+        self.addr = None  # type: Optional[tuple]  # the newest ACTIVE packet's source address
+        self.link = 0  # its link
+        self.seq = 0  # its sequence number
+        self.copies_bits = 0  # its COPIES field
+        self.addrs = []  # type: List[tuple]  # every reply goes to each of these
+        self.links = ()  # type: Tuple[Tuple[int, tuple], ...]  # (link, address) of those, sorted
+        self._carriers = {}  # type: Dict[int, Tuple[tuple, int]]  # link -> (address, newest ACTIVE seq)
+
+    def new_epoch(self) -> None:
+        """Sequence numbers start again; the addresses stay until newer packets move them."""
+        self.seq = 0
+        self._carriers = {link: (addr, 0) for link, (addr, _seq) in self._carriers.items()}
+
+    def observe(self, link: int, addr: tuple, seq: int, copies_bits: int) -> bool:
+        """An ACTIVE packet came in; True if the set of (link, address) replies go to changed."""
+        if seq > self.seq:
+            changed = False
+            if addr != self.addr or link != self.link or copies_bits != self.copies_bits:
+                changed = self._move(link, addr, seq, copies_bits)
+            self.seq = seq
+            return changed
+        if self.copies_bits and link != self.link:
+            return self._note_carrier(link, addr, seq)
+        return False
+
+    def _move(self, link: int, addr: tuple, seq: int, copies_bits: int) -> bool:
+        paths = self._carriers
+        if self.addr is not None:
+            paths[self.link] = (self.addr, self.seq)
+        paths[link] = (addr, seq)
+        self.addr, self.link = addr, link
+        if copies_bits == self.copies_bits and (link, addr) in self.links:
+            return False  # with redundancy the link of the newest copy alternates: the same links
+        self.copies_bits = copies_bits
+        return self._rank()
+
+    def _note_carrier(self, link: int, addr: tuple, seq: int) -> bool:
+        """An older ACTIVE packet from another link: with redundancy a slower link's packets
+        always come second, and it carries all the same."""
+        known = self._carriers.get(link)
+        if known is not None and known[1] >= seq:
+            return False  # late even for its own link: it never moves that link's address back
+        self._carriers[link] = (addr, seq)
+        return (link, addr) not in self.links and self._rank()
+
+    def _rank(self) -> bool:
+        paths, link = self._carriers, self.link
+        copies = (self.copies_bits >> COPIES_SHIFT) + 1
+        others = sorted((l for l in paths if l != link), key=lambda l: paths[l][1], reverse=True)[:copies - 1]
+        self.addrs = [self.addr] + [paths[l][0] for l in others]
+        links = tuple(sorted([(link, self.addr)] + [(l, paths[l][0]) for l in others]))
+        if links == self.links:
+            return False
+        self.links = links
+        return True
+
+    def describe(self) -> str:
+        """"link 0 (192.0.2.1:7)", "links 0 (…) + 1 (…)", for log lines."""
+        return "link%s %s" % ("s" if len(self.links) > 1 else "",
+                              " + ".join("%d (%s)" % (l, format_address(a)) for l, a in self.links))
 
 
 class ServerSession:
     """One (client, session id): the upstream socket that stands for one local application."""
 
-    __slots__ = ("id", "peer", "sock", "upstream", "packets", "seen_packets", "last_active")
+    __slots__ = ("id", "peer", "sock", "upstream_addrs", "packets", "seen_packets", "last_active")
 
-    def __init__(self, session_id: int, peer: "Peer", sock: socket.socket, upstream: tuple, now: float) -> None:
+    def __init__(self, session_id: int, peer: "Peer", sock: socket.socket, upstream_addr: tuple,
+                 now: float) -> None:
         self.id = session_id
         self.peer = peer
         self.sock = sock  # connected to the upstream
-        self.upstream = (upstream,)  # its address, as SendBatch.aim takes it
+        self.upstream_addrs = (upstream_addr,)  # as SendBatch.aim takes it
         self.packets = 0
         self.seen_packets = 0
         self.last_active = now
@@ -2337,18 +2735,10 @@ class Peer:
     def __init__(self, client_id: int, secret: bytes, upstream: Endpoint) -> None:
         self.client_id = client_id
         self.static = StaticKeys(secret)
-        self.upstream = upstream
+        self.upstream = upstream  # where new sessions go
         self.epoch = None  # type: Optional[Epoch]
         self.pending = {}  # type: Dict[int, Epoch]  # tag -> epoch, oldest first
-        # Where replies go (PROTOCOL.md, "Return path"): the link of the newest ACTIVE
-        # packet, and with redundancy the links of the next newest, as many as it asks.
-        self.return_addr = None  # type: Optional[tuple]
-        self.return_link = 0
-        self.return_seq = 0  # the newest ACTIVE packet; older ones never move the path back
-        self.copies_bits = 0  # that packet's COPIES field
-        self.return_addrs = []  # type: List[tuple]  # every reply goes to each (return_addr and the carriers)
-        self.return_links = ()  # type: Tuple[Tuple[int, tuple], ...]  # (link, address), for logs and status
-        self.carrier_paths = {}  # type: Dict[int, Tuple[tuple, int]]  # link -> (address, newest ACTIVE seq)
+        self.return_path = ReturnPath()
         self.heartbeats = {}  # type: Dict[int, List[int]]  # link -> [last seq, bitmap]
         self.sessions = {}  # type: Dict[int, ServerSession]
         self.packets = 0
@@ -2356,78 +2746,70 @@ class Peer:
         self.last_heard = None  # type: Optional[float]
         self.hello_budget = HELLOS_PER_SWEEP
         self.seen_hellos = {}  # type: Dict[bytes, bool]  # client nonces answered, oldest first
+        self.path_moves = 0  # return path moves since the last line about it (rate-limited)
+        self.path_line_timer = None  # type: Optional[Timer]  # that line, when it is held back
+        self.path_announced = False  # "return path …" was logged; later moves say "replies now go by …"
+
+    def confirm(self, epoch: Epoch) -> None:
+        """A packet verified under a pending epoch: it is the client's epoch from now on.
+        Done by the data path itself, as wireguard-go's receive path confirms a keypair:
+        the packets after it in the same drain must be judged under the new epoch."""
+        self.epoch = epoch
+        self.pending.clear()
+        self.return_path.new_epoch()  # heartbeat bitmaps stay: a new epoch does not restart the link's count
 
 
-class Server:
-    """The server side: authenticated packets in, upstream sockets out, replies back."""
+class ServerControl:
+    """What the server's data path reports to; each call comes after the drain that saw it."""
 
-    def __init__(self, config: "ServerConfig", reactor: Reactor, log: Log, resolver: Resolver) -> None:
+    def on_hello(self, peer: Peer, link: int, addr: tuple, packet: bytes) -> None: ...
+    def on_heartbeat(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, hb_seq: int) -> None: ...
+    def on_epoch_confirmed(self, peer: Peer, epoch: Epoch) -> None: ...  # to log it
+    def on_return_path_moved(self, peer: Peer) -> None: ...
+
+
+class ServerDataPath:
+    """Authenticated packets in, payloads to the upstreams, replies sealed back.
+
+    Reads each Peer's epochs and return path; owns the listen socket, the
+    upstream sockets (one per session), the buffers and the batches.
+    """
+
+    def __init__(self, config: "ServerConfig", reactor: Reactor, log: Log, counters: Counters,
+                 peers: Dict[int, Peer], control: ServerControl) -> None:
         self.config = config
         self.reactor = reactor
         self.log = log
-        self.resolver = resolver
-        self.counters = Counters()
-        self._upstreams = {}  # type: Dict[str, Endpoint]
-        self.peers = {}  # type: Dict[int, Peer]
-        for client_id, secret in enumerate(config.static_secrets):
-            text, host, port = config.upstream_for(client_id)
-            if text not in self._upstreams:
-                self._upstreams[text] = Endpoint(text, host, port, self._on_upstream_change)
-            self.peers[client_id] = Peer(client_id, secret, self._upstreams[text])
+        self.counters = counters
+        self.peers = peers
+        self.control = control
+        self.listen_sock = None  # type: Optional[socket.socket]
+        self._gro = False
         self._buf = bytearray(RECV_BUFFER_SIZE)
         self._view = memoryview(self._buf)
-        self._payload_view = self._view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
-        self._ctl = bytearray(OVERHEAD + 64)
+        self._bufs = [self._view]  # for recvmsg_into
         self._batch = SendBatch(self.counters)  # replies from upstreams, sealed for the client
         self._upstream_batch = SendBatch(self.counters, "upstream_full")  # payloads for one upstream socket
-        self._bufs = [self._view]  # for recvmsg_into
-        self._gro = False
-        self._cookie_secret = os.urandom(KEY_SIZE)
-        self._periodic = []  # type: List[Periodic]
-        self._last_drop_report = None  # type: Optional[Dict[str, int]]
-        self.listen_sock = None  # type: Optional[socket.socket]
 
-    # -- life cycle ------------------------------------------------------------
-
-    def start(self) -> None:
+    def open(self) -> None:
         cfg = self.config
         family, sockaddr = listen_address(cfg.listen_host, cfg.listen_port)
         self.listen_sock = open_udp_socket(family, sockaddr)
         self._gro = enable_gro(self.listen_sock)
-        self.reactor.add_reader(self.listen_sock, self._on_listen_readable)
-        self.log.info("server listening on %s for %d client(s), upstream %s" % (
-            format_address(self.listen_sock.getsockname()), len(self.peers),
-            ", ".join(sorted(self._upstreams))))
-        for endpoint in self._upstreams.values():
-            endpoint.start(self.reactor, self.resolver, self.log, cfg.dns_refresh_interval_s)
-        self._periodic = [
-            self.reactor.call_every(self._sweep_interval(), self._sweep),
-            self.reactor.call_every(DROP_SUMMARY_INTERVAL_S, self._log_drops),
-        ]
+        self.reactor.add_reader(self.listen_sock, self.on_listen_readable)
 
     def close(self) -> None:
-        for periodic in self._periodic:
-            periodic.cancel()
-        for endpoint in self._upstreams.values():
-            endpoint.close()
         for peer in self.peers.values():
             for session in list(peer.sessions.values()):
-                self._close_session(session)
+                self.close_session(session)
         if self.listen_sock is not None:
             self.reactor.remove_reader(self.listen_sock)
             self.listen_sock.close()
             self.listen_sock = None
 
-    def _sweep_interval(self) -> float:
-        cfg = self.config
-        return min(SWEEP_INTERVAL_CEILING_S, cfg.heartbeat_timeout_s / 2, cfg.session_timeout_s / 4)
+    # -- link -> upstream ------------------------------------------------------
 
-    def _on_upstream_change(self, endpoint: Endpoint) -> None:
-        """New sessions use the new address; established ones keep their socket until they expire."""
-
-    # -- data path: link -> upstream -------------------------------------------
-
-    def _on_listen_readable(self) -> None:
+    def on_listen_readable(self) -> None:
         # Payloads for the upstream are gathered too, a batch per session
         # socket in a row, and sent when the drain ends.
         try:
@@ -2436,27 +2818,11 @@ class Server:
             self._upstream_batch.flush()
 
     def _drain_listen_socket(self) -> None:
-        sock = self.listen_sock
         buf, view = self._buf, self._view
-        peers = self.peers
-        counters = self.counters
-        gro = self._gro
+        peers, counters, call_soon, control = self.peers, self.counters, self.reactor.call_soon, self.control
         upstream_batch, batch_session = self._upstream_batch, None
-        while True:
-            try:
-                if gro:  # several datagrams of one client link may come as one (GRO_NOTE)
-                    total, ancdata, _flags, addr = sock.recvmsg_into(self._bufs, GRO_CMSG_SPACE)
-                    seg = gro_segment_size(ancdata, total) if ancdata else total
-                else:
-                    total, addr = sock.recvfrom_into(view)
-                    seg = total
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._socket_error("listen", exc)
-                return
-            for off in range(0, total, seg) if seg < total else (0,):
-                n = min(seg, total - off)
+        try:
+            for off, n, addr in receive_datagrams(self.listen_sock, self._bufs, view, self._gro):
                 if n < OVERHEAD:
                     counters.add("short")
                     continue
@@ -2466,11 +2832,8 @@ class Server:
                     counters.add("unknown_client")
                     continue
                 kind = type_flags & TYPE_MASK
-                if off and kind != TYPE_DATA:
-                    buf[:n] = view[off:off + n]  # control handlers read it at 0; off >= seg >= n
-                    off = 0
                 if kind == TYPE_HELLO:
-                    self._on_hello(peer, link, addr, n)
+                    call_soon(control.on_hello, peer, link, addr, bytes(view[off:off + n]))
                     continue
                 epoch = peer.epoch
                 tag = nonce >> SEQ_BITS
@@ -2480,42 +2843,32 @@ class Server:
                         counters.add("stale_epoch")
                         continue
                 seq = nonce & SEQ_MASK
-                if not epoch.window.fresh(seq):
-                    counters.add("duplicate" if epoch.window.seen(seq) else "replay")
+                drop = epoch.open(view, off, n, seq)
+                if drop:
+                    counters.add(drop)
                     continue
-                end = off + n - MAC_SIZE
-                m = epoch.rx_mac.copy()
-                m.update(view[off:end])
-                if not compare_digest(m.digest(), view[end:end + MAC_SIZE]):
-                    counters.add("auth")
-                    continue
-                epoch.window.mark(seq)
-                if epoch is not peer.epoch:
-                    self._adopt_epoch(peer, epoch)
+                if epoch is not peer.epoch:  # the first packet under a pending epoch confirms it
+                    peer.confirm(epoch)
+                    call_soon(control.on_epoch_confirmed, peer, epoch)
                 peer.packets += 1
-                if type_flags & FLAG_ACTIVE:
-                    if seq > peer.return_seq:
-                        if (addr != peer.return_addr or link != peer.return_link
-                                or type_flags & COPIES_MASK != peer.copies_bits):
-                            self._set_return_path(peer, link, addr, seq, type_flags & COPIES_MASK)
-                        peer.return_seq = seq
-                    elif peer.copies_bits and link != peer.return_link:
-                        self._note_carrier(peer, link, addr, seq)  # a slower link's packet: it carries too
+                if type_flags & FLAG_ACTIVE and peer.return_path.observe(link, addr, seq, type_flags & COPIES_MASK):
+                    call_soon(control.on_return_path_moved, peer)
                 if kind == TYPE_DATA:
-                    session = peer.sessions.get(session_id)
+                    session = peer.sessions.get(session_id) or self._open_session(peer, session_id)
                     if session is None:
-                        session = self._open_session(peer, session_id)
-                        if session is None:
-                            continue
+                        continue
                     session.packets += 1
                     if session is not batch_session:
-                        upstream_batch.aim(session.sock, session.upstream, self._on_upstream_send_error)
+                        upstream_batch.aim(session.sock, session.upstream_addrs, self._upstream_error)
                         batch_session = session
-                    upstream_batch.append(view[off + HEADER_SIZE:end])
+                    upstream_batch.append(view[off + HEADER_SIZE:off + n - MAC_SIZE])
                 elif kind == TYPE_HEARTBEAT and n == OVERHEAD + HEARTBEAT_PAYLOAD.size:
-                    self._echo(peer, link, addr)
+                    hb_seq = HEARTBEAT_PAYLOAD.unpack_from(buf, off + HEADER_SIZE)[0]
+                    call_soon(control.on_heartbeat, peer, epoch, link, addr, hb_seq)
                 else:
                     counters.add("bad_type")
+        except OSError as exc:
+            self.socket_error("listen", exc)
 
     def _open_session(self, peer: Peer, session_id: int) -> Optional[ServerSession]:
         if len(peer.sessions) >= self.config.max_sessions:
@@ -2532,50 +2885,48 @@ class Server:
             sock = open_udp_socket(upstream.family)
             sock.connect(upstream.addr)  # connected: only the upstream's replies, and its ICMP errors
         except OSError as exc:
-            self._socket_error("upstream", exc)
+            self.socket_error("upstream", exc)
             return None
         session = ServerSession(session_id, peer, sock, upstream.addr, self.reactor.time())
         peer.sessions[session_id] = session
-        self.reactor.add_reader(sock, lambda: self._on_upstream_readable(session))
+        self.reactor.add_reader(sock, lambda: self.on_upstream_readable(session))
         self.log.debug("client %d: session %08x opened, upstream %s from %s" % (
             peer.client_id, session_id, upstream.text, format_address(sock.getsockname())))
         return session
 
-    def _close_session(self, session: ServerSession) -> None:
+    def close_session(self, session: ServerSession) -> None:
         session.peer.sessions.pop(session.id, None)
         self.reactor.remove_reader(session.sock)
         session.sock.close()
 
-    # -- data path: upstream -> link -------------------------------------------
+    # -- upstream -> link ------------------------------------------------------
 
-    def _on_upstream_readable(self, session: ServerSession) -> None:
-        sock = session.sock
+    def on_upstream_readable(self, session: ServerSession) -> None:
         peer = session.peer
-        epoch = peer.epoch
-        if epoch is None or peer.return_addr is None:
+        epoch, path = peer.epoch, peer.return_path
+        if epoch is None or path.addr is None:
             self._drain_without_path(session)
             return
         # Replies are sealed in place in the batch and leave together (SendBatch);
         # copies (redundancy) are the same bytes to each return address: the
         # client takes the first to arrive, whichever socket it comes in on.
-        batch = self._batch
-        batch.aim(self.listen_sock, peer.return_addrs, self._on_listen_send_error)
+        sock, batch = session.sock, self._batch
         buf, view = batch.buf, batch.view
+        batch.aim(self.listen_sock, path.addrs, self._listen_error)
         while True:
             try:
                 n = sock.recv_into(batch.room())
             except BlockingIOError:
                 break
             except OSError as exc:  # ICMP port unreachable for an earlier send
-                self._socket_error("upstream", exc)
+                self.socket_error("upstream", exc)
                 continue
             if n > MAX_DATA_PAYLOAD:
                 self.counters.add("oversize")
                 continue
             session.packets += 1
             start = batch.end
-            HEADER.pack_into(buf, start, TYPE_DATA, peer.return_link, peer.client_id, session.id,
-                             epoch.next_nonce())
+            HEADER.pack_into(buf, start, TYPE_DATA, path.link, peer.client_id, session.id, epoch.next_nonce())
             end = start + HEADER_SIZE + n
             m = epoch.tx_mac.copy()
             m.update(view[start:end])
@@ -2585,30 +2936,58 @@ class Server:
 
     def _drain_without_path(self, session: ServerSession) -> None:
         """Replies for a client whose return path is not known (yet, or any more): dropped."""
+        room = self._view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
         while True:
             try:
-                session.sock.recv_into(self._payload_view)
+                session.sock.recv_into(room)
             except BlockingIOError:
                 return
             except OSError as exc:
-                self._socket_error("upstream", exc)
+                self.socket_error("upstream", exc)
                 continue
             session.packets += 1
             self.counters.add("no_return_path")
 
-    def _on_listen_send_error(self, exc: OSError) -> None:
-        self._socket_error("listen", exc)
+    # -- sending for control, and errors ---------------------------------------
 
-    def _on_upstream_send_error(self, exc: OSError) -> None:
-        self._socket_error("upstream", exc)  # ECONNREFUSED: the upstream is not listening (yet)
+    def send_control(self, packet: memoryview, addr: tuple) -> None:
+        """A handshake answer or an echo, from the listen socket."""
+        try:
+            self.listen_sock.sendto(packet, addr)
+        except BlockingIOError:
+            self.counters.add("tx_full")
+        except OSError as exc:
+            self.socket_error("listen", exc)
 
-    # -- control ---------------------------------------------------------------
+    def _listen_error(self, exc: OSError) -> None:
+        self.socket_error("listen", exc)
 
-    def _on_hello(self, peer: Peer, link: int, addr: tuple, n: int) -> None:
-        if n != OVERHEAD + HELLO_PAYLOAD.size or not verify(peer.static.hello_mac, self._view, n):
+    def _upstream_error(self, exc: OSError) -> None:
+        self.socket_error("upstream", exc)  # ECONNREFUSED: the upstream is not listening (yet)
+
+    def socket_error(self, what: str, exc: OSError) -> None:
+        """Counted, and logged at a bounded rate: a socket error never stops the relay."""
+        self.counters.add("%s_errors" % what)
+        self.log.every("socket-error:" + what, ERROR_LOG_INTERVAL_S, "warn", "%s socket: %s" % (what, exc))
+
+
+class ServerHandshake:
+    """Answers HELLOs: a COOKIE to one without a fresh cookie, else a WELCOME and a
+    pending epoch (the essay above)."""
+
+    def __init__(self, reactor: Reactor, counters: Counters, send: Callable[[memoryview, tuple], None]) -> None:
+        self.reactor = reactor
+        self.counters = counters
+        self.send = send
+        self._secret = os.urandom(KEY_SIZE)  # for cookies; never leaves this process
+        self._ctl = bytearray(OVERHEAD + WELCOME_PAYLOAD.size)
+
+    def on_hello(self, peer: Peer, link: int, addr: tuple, packet: bytes) -> None:
+        n = len(packet)
+        if n != OVERHEAD + HELLO_PAYLOAD.size or not verify(peer.static.hello_mac, packet, n):
             self.counters.add("auth")
             return
-        client_nonce, cookie = HELLO_PAYLOAD.unpack_from(self._buf, HEADER_SIZE)
+        client_nonce, cookie = HELLO_PAYLOAD.unpack_from(packet, HEADER_SIZE)
         tag = epoch_tag(client_nonce)
         if peer.epoch is not None and tag == peer.epoch.tag:
             self.counters.add("replay")  # the HELLO of the running epoch, or a forged look-alike
@@ -2616,33 +2995,38 @@ class Server:
         epoch = peer.pending.get(tag)
         if epoch is None or epoch.client_nonce != client_nonce:
             if not self._cookie_ok(peer, client_nonce, addr, cookie):
-                self._send_handshake(peer, TYPE_COOKIE, link, client_nonce,
-                                     self._cookie(peer, client_nonce, addr, self._cookie_period()), addr)
+                self._answer(peer, TYPE_COOKIE, link, client_nonce,
+                             self._cookie(peer, client_nonce, addr, self._cookie_period()), addr)
                 return
-            if client_nonce in peer.seen_hellos:
-                self.counters.add("replay")  # an old HELLO: its epoch was used or evicted
+            epoch = self._new_pending_epoch(peer, client_nonce)
+            if epoch is None:
                 return
-            if peer.hello_budget <= 0:  # bounds the key derivations that HELLOs can cause
-                self.counters.add("hello_limit")
-                return
-            peer.hello_budget -= 1
-            peer.seen_hellos[client_nonce] = True
-            while len(peer.seen_hellos) > SEEN_HELLOS_PER_CLIENT:
-                del peer.seen_hellos[next(iter(peer.seen_hellos))]
-            epoch = Epoch(peer.static.secret, client_nonce, os.urandom(NONCE_SIZE), is_client=False)
-            peer.pending.pop(tag, None)
-            peer.pending[tag] = epoch
-            while len(peer.pending) > PENDING_EPOCHS_PER_CLIENT:
-                del peer.pending[next(iter(peer.pending))]
-        self._send_handshake(peer, TYPE_WELCOME, link, client_nonce, epoch.server_nonce, addr)
+        self._answer(peer, TYPE_WELCOME, link, client_nonce, epoch.server_nonce, addr)
 
-    def _send_handshake(self, peer: Peer, kind: int, link: int, client_nonce: bytes, value: bytes,
-                        addr: tuple) -> None:
+    def _new_pending_epoch(self, peer: Peer, client_nonce: bytes) -> Optional[Epoch]:
+        if client_nonce in peer.seen_hellos:
+            self.counters.add("replay")  # an old HELLO: its epoch was used or evicted
+            return None
+        if peer.hello_budget <= 0:  # bounds the key derivations that HELLOs can cause
+            self.counters.add("hello_limit")
+            return None
+        peer.hello_budget -= 1
+        peer.seen_hellos[client_nonce] = True
+        while len(peer.seen_hellos) > SEEN_HELLOS_PER_CLIENT:
+            del peer.seen_hellos[next(iter(peer.seen_hellos))]
+        epoch = Epoch(peer.static.secret, client_nonce, os.urandom(NONCE_SIZE), is_client=False)
+        peer.pending.pop(epoch.tag, None)
+        peer.pending[epoch.tag] = epoch
+        while len(peer.pending) > PENDING_EPOCHS_PER_CLIENT:
+            del peer.pending[next(iter(peer.pending))]
+        return epoch
+
+    def _answer(self, peer: Peer, kind: int, link: int, client_nonce: bytes, value: bytes, addr: tuple) -> None:
         """WELCOME(client nonce, server nonce) or COOKIE(client nonce, cookie): HELLO's size."""
         ctl = self._ctl
         WELCOME_PAYLOAD.pack_into(ctl, HEADER_SIZE, client_nonce, value)
         length = seal_into(ctl, peer.static.welcome_mac, kind, link, peer.client_id, 0, 0, WELCOME_PAYLOAD.size)
-        self._send_control(ctl, length, addr)
+        self.send(memoryview(ctl)[:length], addr)
 
     # A cookie proves that a HELLO is fresh: a MAC, under a secret that never
     # leaves this process, of the client, its nonce, the address the HELLO came
@@ -2655,7 +3039,7 @@ class Server:
         return int(self.reactor.time() // COOKIE_PERIOD_S)
 
     def _cookie(self, peer: Peer, client_nonce: bytes, addr: tuple, period: int) -> bytes:
-        m = blake2b(key=self._cookie_secret, digest_size=NONCE_SIZE)
+        m = blake2b(key=self._secret, digest_size=NONCE_SIZE)
         m.update(b"%d %d %s " % (peer.client_id, period, format_address(addr).encode()) + client_nonce)
         return m.digest()
 
@@ -2663,60 +3047,100 @@ class Server:
         period = self._cookie_period()
         return any(compare_digest(cookie, self._cookie(peer, client_nonce, addr, p)) for p in (period, period - 1))
 
-    def _adopt_epoch(self, peer: Peer, epoch: Epoch) -> None:
-        peer.epoch = epoch
-        peer.pending.clear()
-        peer.return_seq = 0  # heartbeat bitmaps stay: a new epoch does not restart the link's count
-        peer.carrier_paths = {link: (addr, 0) for link, (addr, _seq) in peer.carrier_paths.items()}
+
+class Server(ServerControl):
+    """The server side: wires the data path and the handshake, and keeps the peers."""
+
+    def __init__(self, config: "ServerConfig", reactor: Reactor, log: Log, resolver: Resolver) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.log = log
+        self.resolver = resolver
+        self.counters = Counters()
+        self._upstreams = {}  # type: Dict[str, Endpoint]
+        self.peers = {}  # type: Dict[int, Peer]
+        for client_id, secret in enumerate(config.static_secrets):
+            self.peers[client_id] = Peer(client_id, secret, self._upstream(config.upstream_for(client_id)))
+        self.data = ServerDataPath(config, reactor, log, self.counters, self.peers, self)
+        self.handshake = ServerHandshake(reactor, self.counters, self.data.send_control)
+        self._ctl = bytearray(OVERHEAD + ECHO_PAYLOAD.size)
+        self._sweep_timer = None  # type: Optional[Periodic]
+        self._drop_summary = None  # type: Optional[Periodic]
+        self._last_drop_report = None  # type: Optional[Dict[str, int]]
+
+    @property
+    def listen_sock(self) -> Optional[socket.socket]:
+        return self.data.listen_sock
+
+    def _upstream(self, address: Tuple[str, str, int]) -> Endpoint:
+        """The one Endpoint of an upstream address, shared by the clients that go there.
+        New sessions use a changed address; established ones keep their socket."""
+        text, host, port = address
+        if text not in self._upstreams:
+            self._upstreams[text] = Endpoint(text, host, port, lambda endpoint: None)
+        return self._upstreams[text]
+
+    # -- life cycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.config
+        self.data.open()
+        self.log.info("server listening on %s for %d client(s), upstream %s" % (
+            format_address(self.listen_sock.getsockname()), len(self.peers),
+            ", ".join(sorted(self._upstreams))))
+        for endpoint in self._upstreams.values():
+            endpoint.start(self.reactor, self.resolver, self.log, cfg.dns_refresh_interval_s)
+        self._sweep_timer = self.reactor.call_every(self._sweep_interval(), self._sweep)
+        self._drop_summary = self.reactor.call_every(DROP_SUMMARY_INTERVAL_S, self._log_drops)
+
+    def close(self) -> None:
+        for periodic in (self._sweep_timer, self._drop_summary):
+            if periodic is not None:
+                periodic.cancel()
+        for endpoint in self._upstreams.values():
+            endpoint.close()
+        for peer in self.peers.values():
+            self.reactor.cancel(peer.path_line_timer)
+        self.data.close()
+
+    def _sweep_interval(self) -> float:
+        cfg = self.config
+        return min(SWEEP_INTERVAL_CEILING_S, cfg.heartbeat_timeout_s / 2, cfg.session_timeout_s / 4)
+
+    # -- what the data path reports (after its drain) --------------------------
+
+    def on_hello(self, peer: Peer, link: int, addr: tuple, packet: bytes) -> None:
+        self.handshake.on_hello(peer, link, addr, packet)
+
+    def on_epoch_confirmed(self, peer: Peer, epoch: Epoch) -> None:
         self.log.info("client %d: new epoch %04x" % (peer.client_id, epoch.tag))
 
-    def _set_return_path(self, peer: Peer, link: int, addr: tuple, seq: int, copies_bits: int) -> None:
-        """A newer ACTIVE packet came by another link or address, or asks for another
-        number of copies: replies go by its link and, with redundancy, by the links of
-        the next newest ACTIVE packets."""
-        paths = peer.carrier_paths
-        if peer.return_addr is not None:
-            paths[peer.return_link] = (peer.return_addr, peer.return_seq)  # its seq was not kept up to date
-        paths[link] = (addr, seq)
-        had_path = peer.return_addr is not None
-        peer.return_addr, peer.return_link = addr, link
-        if copies_bits == peer.copies_bits and (link, addr) in peer.return_links:
-            return  # with redundancy the link of the newest copy alternates: the same links
-        peer.copies_bits = copies_bits
-        self._rank_return_links(peer, had_path)
-
-    def _note_carrier(self, peer: Peer, link: int, addr: tuple, seq: int) -> None:
-        """An ACTIVE packet older than the newest, from another link: with redundancy a
-        slower link's packets always come second, and it carries all the same."""
-        known = peer.carrier_paths.get(link)
-        if known is not None and known[1] >= seq:
-            return  # late even for its own link: it never moves that link's address back
-        peer.carrier_paths[link] = (addr, seq)
-        if (link, addr) not in peer.return_links:
-            self._rank_return_links(peer, True)
-
-    def _rank_return_links(self, peer: Peer, had_path: bool) -> None:
-        """Replies go to the newest ACTIVE packet's link and the links of the next newest,
-        COPIES + 1 in all."""
-        paths, link = peer.carrier_paths, peer.return_link
-        while len(paths) > 256:  # cannot happen (the link is one byte); keeps the bound obvious
-            del paths[next(iter(paths))]
-        copies = (peer.copies_bits >> COPIES_SHIFT) + 1
-        others = sorted((l for l in paths if l != link), key=lambda l: paths[l][1], reverse=True)[:copies - 1]
-        peer.return_addrs = [peer.return_addr] + [paths[l][0] for l in others]
-        links = tuple(sorted([(link, peer.return_addr)] + [(l, paths[l][0]) for l in others]))
-        if links == peer.return_links:
-            return
-        peer.return_links = links
-        where = " + ".join("%d (%s)" % (l, format_address(a)) for l, a in links)
-        if not had_path:
-            self.log.info("client %d: return path link%s %s" % (peer.client_id, "s" if len(links) > 1 else "", where))
+    def on_return_path_moved(self, peer: Peer) -> None:
+        """Logged at a bounded rate: a NAT that alternates two source ports moves the path on
+        every packet.  Past PATH_LINES_PER_INTERVAL lines, one line at the end of the
+        interval says where replies go then, and how often they moved."""
+        peer.path_moves += 1
+        if peer.path_line_timer is not None:
+            return  # that line is due already
+        if self.log.allow("return-path:%d" % peer.client_id, PATH_LINE_INTERVAL_S, PATH_LINES_PER_INTERVAL):
+            self._log_return_path(peer)
         else:
-            self.log.info("client %d: replies now go by link%s %s" % (
-                peer.client_id, "s" if len(links) > 1 else "", where))
+            peer.path_line_timer = self.reactor.call_later(PATH_LINE_INTERVAL_S, self._log_return_path, peer)
 
-    def _echo(self, peer: Peer, link: int, addr: tuple) -> None:
-        hb_seq, _reserved = HEARTBEAT_PAYLOAD.unpack_from(self._buf, HEADER_SIZE)
+    def _log_return_path(self, peer: Peer) -> None:
+        path, moves = peer.return_path, peer.path_moves
+        peer.path_line_timer, peer.path_moves = None, 0
+        if not path.links:
+            return
+        times = " (moved %d times since the last line)" % moves if moves > 1 else ""
+        if peer.path_announced:
+            self.log.info("client %d: replies now go by %s%s" % (peer.client_id, path.describe(), times))
+        else:
+            self.log.info("client %d: return path %s%s" % (peer.client_id, path.describe(), times))
+            peer.path_announced = True
+
+    def on_heartbeat(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, hb_seq: int) -> None:
+        """Echo a heartbeat under the epoch it came in, with a bitmap of the last 32 on its link."""
         state = peer.heartbeats.get(link)
         if state is None or hb_seq + 32 <= state[0] or hb_seq > state[0] + 0x7FFFFFFF:
             state = peer.heartbeats[link] = [hb_seq, 0]  # first, or the client restarted its count
@@ -2730,21 +3154,9 @@ class Server:
         state[1] = bitmap
         ctl = self._ctl
         ECHO_PAYLOAD.pack_into(ctl, HEADER_SIZE, hb_seq, (bitmap >> (last - hb_seq)) & 0xFFFFFFFF)
-        length = seal_into(ctl, peer.epoch.tx_mac, TYPE_ECHO, link, peer.client_id, 0,
-                           peer.epoch.next_nonce(), ECHO_PAYLOAD.size)
-        self._send_control(ctl, length, addr)
-
-    def _send_control(self, ctl: bytearray, length: int, addr: tuple) -> None:
-        try:
-            self.listen_sock.sendto(memoryview(ctl)[:length], addr)
-        except BlockingIOError:
-            self.counters.add("tx_full")
-        except OSError as exc:
-            self._socket_error("listen", exc)
-
-    def _socket_error(self, what: str, exc: OSError) -> None:
-        self.counters.add("%s_errors" % what)
-        self.log.every("socket-error:" + what, ERROR_LOG_INTERVAL_S, "warn", "%s socket: %s" % (what, exc))
+        length = seal_into(ctl, epoch.tx_mac, TYPE_ECHO, link, peer.client_id, 0, epoch.next_nonce(),
+                           ECHO_PAYLOAD.size)
+        self.data.send_control(memoryview(ctl)[:length], addr)
 
     # -- housekeeping ----------------------------------------------------------
 
@@ -2755,20 +3167,23 @@ class Server:
             if peer.packets != peer.seen_packets:
                 peer.seen_packets = peer.packets
                 peer.last_heard = now
-            elif (peer.return_addr is not None and peer.last_heard is not None
+            elif (peer.return_path.addr is not None and peer.last_heard is not None
                   and now - peer.last_heard >= self.config.heartbeat_timeout_s):
-                peer.return_addr = None
-                peer.return_addrs, peer.return_links, peer.carrier_paths = [], (), {}
+                peer.return_path.clear()
+                peer.path_announced = False
                 self.log.info("client %d silent for %.0fs: return path dropped" % (
                     peer.client_id, now - peer.last_heard))
-            for session in list(peer.sessions.values()):
-                if session.packets != session.seen_packets:
-                    session.seen_packets = session.packets
-                    session.last_active = now
-                elif now - session.last_active >= self.config.session_timeout_s:
-                    self._close_session(session)
-                    self.log.debug("client %d: session %08x expired" % (peer.client_id, session.id))
+            self._expire_sessions(peer, now)
         self._write_status_file()
+
+    def _expire_sessions(self, peer: Peer, now: float) -> None:
+        for session in list(peer.sessions.values()):
+            if session.packets != session.seen_packets:
+                session.seen_packets = session.packets
+                session.last_active = now
+            elif now - session.last_active >= self.config.session_timeout_s:
+                self.data.close_session(session)
+                self.log.debug("client %d: session %08x expired" % (peer.client_id, session.id))
 
     def _log_drops(self) -> None:
         self._last_drop_report = log_counter_summary(self.log, "server", self.counters, self._last_drop_report)
@@ -2776,13 +3191,13 @@ class Server:
     def status(self) -> Dict[str, Any]:
         clients = []
         for peer in self.peers.values():
+            path = peer.return_path
             clients.append({
                 "client_id": peer.client_id,
                 "epoch": "%04x" % peer.epoch.tag if peer.epoch else None,
-                "return_link": peer.return_link if peer.return_addr else None,
-                "return_addr": format_address(peer.return_addr),
-                "return_links": [[link, format_address(addr)] for link, addr in peer.return_links]
-                if peer.return_addr else [],
+                "return_link": path.link if path.addr else None,
+                "return_addr": format_address(path.addr),
+                "return_links": [[link, format_address(addr)] for link, addr in path.links] if path.addr else [],
                 "upstream": peer.upstream.text,
                 "sessions": len(peer.sessions),
             })
@@ -2803,20 +3218,19 @@ class Server:
     def reconfigure(self, new: "ServerConfig") -> None:
         """Apply a reloaded config (keys and listen address unchanged): timeouts, limits,
         upstreams (new sessions use a changed upstream; running ones keep theirs)."""
-        self.config = new
+        self.config = self.data.config = new
         for peer in self.peers.values():
-            text, host, port = new.upstream_for(peer.client_id)
-            if text != peer.upstream.text:
-                if text not in self._upstreams:
-                    endpoint = Endpoint(text, host, port, self._on_upstream_change)
-                    endpoint.start(self.reactor, self.resolver, self.log, new.dns_refresh_interval_s)
-                    self._upstreams[text] = endpoint
-                peer.upstream = self._upstreams[text]
-                self.log.info("reload: client %d now goes to upstream %s" % (peer.client_id, text))
+            address = new.upstream_for(peer.client_id)
+            if address[0] != peer.upstream.text:
+                known = address[0] in self._upstreams
+                peer.upstream = self._upstream(address)
+                if not known:
+                    peer.upstream.start(self.reactor, self.resolver, self.log, new.dns_refresh_interval_s)
+                self.log.info("reload: client %d now goes to upstream %s" % (peer.client_id, address[0]))
         in_use = {peer.upstream.text for peer in self.peers.values()}
         for text in [t for t in self._upstreams if t not in in_use]:
             self._upstreams.pop(text).close()
-        self._periodic[0].interval = self._sweep_interval()
+        self._sweep_timer.interval = self._sweep_interval()
 
 
 # ============================================================================

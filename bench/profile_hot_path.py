@@ -53,7 +53,7 @@ def build():
         "server_public_key": mpudp.encode_key(mpudp.public_key(server_key))}}).section, reactor, log, resolver)
     client.start()
     deadline = time.monotonic() + 10
-    while (client.epoch is None or server.peers[0].return_addr is None) and time.monotonic() < deadline:
+    while (client.epoch is None or server.peers[0].return_path.addr is None) and time.monotonic() < deadline:
         reactor.run_once(0.05)
     return reactor, client
 

@@ -56,8 +56,8 @@ def main(argv=None):
     n = args.sessions
     reactor, resolver, client, server = build(n)
     peer = server.peers[0]
-    client_bytes = measure(lambda i: client._open_session(("127.0.0.1", 10000 + i)), n)
-    server_bytes = measure(lambda i: server._open_session(peer, i + 1), n)
+    client_bytes = measure(lambda i: client.data._open_session(("127.0.0.1", 10000 + i)), n)
+    server_bytes = measure(lambda i: server.data._open_session(peer, i + 1), n)
     assert len(client.sessions_by_id) == n and len(peer.sessions) == n
     print("sessions: %d (Python %s)" % (n, sys.version.split()[0]))
     print("client: %.0f bytes per idle session" % client_bytes)

@@ -872,7 +872,7 @@ def test_fuzz_server_and_client_in_process(rig):
     c2s, s2c = build_templates(r, rng)
     own_tag = r.peer.epoch.tag
     s_epoch, c_epoch = r.peer.epoch, r.client.epoch
-    return_path = (r.peer.return_addr, r.peer.return_link)
+    return_path = (r.peer.return_path.addr, r.peer.return_path.link)
     server_before, client_before = dict(r.server.counters), dict(r.client.counters)
     upstream_before = len(r.upstream_seen)
     fuzz = udp_socket(blocking=False)
@@ -908,7 +908,7 @@ def test_fuzz_server_and_client_in_process(rig):
     assert drain(r.app) == [], "%s: fuzz reached the application" % where
     assert drain(fuzz) == [], "%s: a fuzz packet was answered" % where
     assert r.peer.epoch is s_epoch and r.client.epoch is c_epoch and not r.peer.pending, where
-    assert (r.peer.return_addr, r.peer.return_link) == return_path, "%s: the return path moved" % where
+    assert (r.peer.return_path.addr, r.peer.return_path.link) == return_path, "%s: the return path moved" % where
     assert r.round_trip(b"after fuzz"), where
     fuzz.close()
 
@@ -1618,7 +1618,7 @@ def test_restarted_client_with_a_colliding_epoch_tag_still_connects(rig):
 
 
 def test_authenticated_heartbeat_with_a_huge_seq_gap_is_cheap(rig):
-    """Server._echo once shifted the heartbeat bitmap by (hb_seq - last), up to 2**31 bits: one
+    """Server.on_heartbeat (then Server._echo) once shifted the heartbeat bitmap by (hb_seq - last), up to 2**31 bits: one
     40-byte heartbeat from an authenticated client allocated integers of up to 256 MB."""
     r = rig()
     epoch = r.peer.epoch

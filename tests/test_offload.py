@@ -233,13 +233,15 @@ def test_other_errors_go_to_the_owner():
 
     batch, _ = batch_for(Broken())
     errors = []
-    # The batch is empty when its owner hears of the error: the client then leaves its
-    # drain with nothing pending (its link may be gone).
+    # The batch is empty when its owner hears of the error, and says it failed: the
+    # client's drain stops there and leaves the rest unread for the next route.
     batch.on_error = lambda exc: errors.append((exc.errno, batch.count, batch.end))
     for p in packets(3, 100):
         put(batch, p)
     batch.flush()
-    assert errors == [(errno.ENETUNREACH, 0, 0)]
+    assert errors == [(errno.ENETUNREACH, 0, 0)] and batch.failed
+    batch.aim(Broken(), [ADDR], errors.append)
+    assert not batch.failed  # until the next error
 
 
 # -- the kernel's side, on loopback -----------------------------------------------
@@ -329,8 +331,8 @@ def test_a_burst_through_the_relay_arrives_whole_and_in_order():
         assert rig.upstream_seen == sent
         # Each hop batched: app -> link (client), link -> upstream and upstream -> link
         # (server), link -> app (client).
-        assert rig.client._batch.gso_sends >= 1 and rig.server._batch.gso_sends >= 1
-        assert rig.server._upstream_batch.gso_sends >= 1 and rig.client._app_batch.gso_sends >= 1
+        assert rig.client.data._batch.gso_sends >= 1 and rig.server.data._batch.gso_sends >= 1
+        assert rig.server.data._upstream_batch.gso_sends >= 1 and rig.client.data._app_batch.gso_sends >= 1
         assert rig.server.counters.get("auth", 0) == 0 and rig.client.counters.get("auth", 0) == 0
     finally:
         rig.close()

@@ -537,7 +537,7 @@ def test_reload_keeps_each_of_several_links_that_go_the_same_way():
         client.reconfigure(client_config(["127.0.0.1:9", "127.0.0.1:10"]))
         assert client.links == [first, third] and [link.index for link in client.links] == [0, 1]
         assert first.sock is sockets[0] and third.sock is sockets[2]
-        assert second.sock is None and second.hb_timer is None and sockets[1].fileno() == -1  # retired
+        assert second.sock is None and not client.monitor.watching(second) and sockets[1].fileno() == -1  # retired
         reload_lines = [line for line in log_stream.getvalue()[mark:].splitlines() if "reload:" in line]
         assert len(reload_lines) == 1 and reload_lines[0].endswith("reload: link 1 (127.0.0.1:9) removed"), \
             reload_lines

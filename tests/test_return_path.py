@@ -156,7 +156,7 @@ def bench():
 
 
 def return_links(bench):
-    return sorted(link for link, _addr in bench.server.peers[0].return_links)
+    return sorted(link for link, _addr in bench.server.peers[0].return_path.links)
 
 
 def test_copies_go_upstream_once_and_replies_come_back_on_every_carrier(bench):
@@ -251,8 +251,8 @@ def test_a_slower_carrying_link_is_answered_on_too(bench):
     assert return_links(bench) == [0, 1]
     assert sorted(bench.replies(b"r", [0, 1])) == [0, 1]
     # Its own older packets never move a link's address back.
-    stale = bench.server.peers[0].carrier_paths[1]
+    stale = bench.server.peers[0].return_path._carriers[1]
     before = bench.taken()
     bench.send(1, HEARTBEAT | ACTIVE | copies_flags(2), seq=base + 1)  # a replay: refused
     bench.settle(before + 1)
-    assert bench.server.peers[0].carrier_paths[1] == stale
+    assert bench.server.peers[0].return_path._carriers[1] == stale
