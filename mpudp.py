@@ -121,6 +121,10 @@ PENDING_EPOCHS_PER_CLIENT = 4
 HELLOS_PER_SWEEP = 8  # per client: new pending epochs between two server sweeps
 SEEN_HELLOS_PER_CLIENT = 1024  # HELLO nonces remembered, so a replayed one costs nothing
 COOKIE_PERIOD_S = 30.0  # a cookie is good in the period it was made and the next
+# COOKIE answers cost nothing to make, but a spoofed HELLO turns them on a victim:
+# per source prefix (an frp server's address) and in all, a burst then a rate.
+COOKIES_PER_PREFIX_PER_S, COOKIE_BURST_PER_PREFIX = 16.0, 32
+COOKIES_PER_S, COOKIE_BURST = 1000.0, 1000
 
 # Link measurement and policy (the essay is above LinkHealth).
 INITIAL_HEARTBEAT_TIMEOUT_S = 1.0  # before the first RTT sample, as RFC 6298
@@ -146,6 +150,10 @@ ERROR_LOG_INTERVAL_S = 10.0
 PATH_LINE_INTERVAL_S = 10.0  # "replies now go by ...": at most PATH_LINES_PER_INTERVAL lines per client
 PATH_LINES_PER_INTERVAL = 5
 SOCKET_BUFFER_BYTES = 1 << 20
+# File descriptors the server keeps free of sessions: stdio, the listen and
+# signal sockets, the resolver's socketpair and look-ups, the status, metrics
+# and config files, syslog.  Each session holds one (its upstream socket).
+RESERVED_FDS = 64
 
 
 # ============================================================================
@@ -237,6 +245,25 @@ class Log:
         """Log `message` unless a line with the same key went out less than interval_s ago."""
         if self.allow(key, interval_s):
             self.log(level, message)
+
+
+class RateLimiter:
+    """Token buckets by key: `burst` events at once, then `per_s` a second.  At most
+    `max_keys` keys are kept; the longest unused are forgotten (which only forgives
+    them: a global limiter bounds what many keys can do)."""
+
+    def __init__(self, per_s: float, burst: int, max_keys: int = 4096) -> None:
+        self.per_s, self.burst, self.max_keys = per_s, burst, max_keys
+        self._buckets = {}  # type: Dict[Any, Tuple[float, float]]  # key -> (tokens, at), least recent first
+
+    def allow(self, key: Any, now: float) -> bool:
+        tokens, at = self._buckets.pop(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + max(0.0, now - at) * self.per_s)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._buckets) > self.max_keys:
+            del self._buckets[next(iter(self._buckets))]
+        return allowed
 
 
 class Counters(dict):
@@ -840,6 +867,7 @@ class Reactor:
         self._stopping = False
         self._signal_sock = None  # type: Optional[socket.socket]
         self._signal_handlers = {}  # type: Dict[int, Callable]
+        self._signals_arrived = {}  # type: Dict[int, bool]  # recorded by the handler, not yet run
         self._removed = []  # type: List[selectors.SelectorKey]  # readers removed in this pass
         self._soon = deque()  # type: deque  # (callback, args) to run after the current callback
 
@@ -897,6 +925,11 @@ class Reactor:
 
     # -- signals -------------------------------------------------------------
 
+    # A signal is recorded by its Python-level handler, in a set: a burst of
+    # SIGHUPs is one reload, and a SIGTERM behind them is never lost.  The
+    # wake-up fd only wakes the loop; when its buffer is full (a burst), the
+    # loop is awake already, so a failed write is no news and stays quiet.
+
     def add_signal_handler(self, signum: int, handler: Callable[[], None]) -> None:
         """Run `handler` from the loop (not inside the signal) when `signum` arrives."""
         if self._signal_sock is None:
@@ -904,17 +937,23 @@ class Reactor:
             self._signal_sock.setblocking(False)
             writer.setblocking(False)
             self._signal_writer = writer
-            signal.set_wakeup_fd(writer.fileno())
+            signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
             self.add_reader(self._signal_sock, self._on_signal_wakeup)
         self._signal_handlers[signum] = handler
-        signal.signal(signum, lambda _signum, _frame: None)  # the wake-up fd carries it
+        signal.signal(signum, self._record_signal)
+
+    def _record_signal(self, signum: int, _frame: Any) -> None:
+        self._signals_arrived[signum] = True  # a dict as an ordered set: in the order they came
 
     def _on_signal_wakeup(self) -> None:
         try:
-            data = self._signal_sock.recv(64)
+            while self._signal_sock.recv(4096):
+                pass
         except OSError:
-            return
-        for signum in data:
+            pass  # empty now (EAGAIN)
+        while self._signals_arrived:
+            signum = next(iter(self._signals_arrived))
+            del self._signals_arrived[signum]
             handler = self._signal_handlers.get(signum)
             if handler is not None:
                 self.call_guarded(handler, ())
@@ -1027,6 +1066,36 @@ def system_getaddrinfo(host: str, port: int, family: int = 0, type: int = 0, pro
     return socket.getaddrinfo(host_arg, port, family, type, proto, flags)
 
 
+def host_problem(host: str) -> str:
+    """Why `host` can be neither an IP address nor a DNS name, or "" if it can.  A
+    non-ASCII name would need the IDNA codec, which OpenWrt's python3-light lacks."""
+    if not host:
+        return ""
+    if not host.isascii() or not host.isprintable() or any(c in host for c in " /\\"):
+        return "not a host name (ASCII letters, digits, '-' and '.'; an internationalised name in its xn-- form)"
+    if numeric_address(host, 0) is not None:
+        return ""
+    if len(host) > 253 or not all(0 < len(label) <= 63 for label in host[:-1 if host.endswith(".") else None].split(".")):
+        return "not a host name (labels of 1 to 63 characters, 253 in all)"
+    return ""
+
+
+def source_prefix(sockaddr: tuple) -> bytes:
+    """The network a source address belongs to, as rate limits count it: its /24 (IPv4,
+    also IPv4-mapped) or /56 (IPv6, a home's usual delegation)."""
+    host = sockaddr[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    try:
+        return socket.inet_pton(socket.AF_INET, host)[:3]
+    except OSError:
+        pass
+    try:
+        return socket.inet_pton(socket.AF_INET6, host.split("%")[0])[:7]
+    except OSError:
+        return host.encode()
+
+
 def numeric_address(host: str, port: int) -> Optional[Tuple[int, tuple]]:
     """(family, sockaddr) if `host` is a literal IP address, else None (needs DNS)."""
     try:
@@ -1106,6 +1175,28 @@ class Resolver:
 # ============================================================================
 # Sockets: link sockets, batched sends (GSO), coalesced receives (GRO)
 # ============================================================================
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one; the soft limit now (0: unknown)."""
+    try:
+        import resource  # not on every platform
+    except ImportError:
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            pass
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 0 if soft == resource.RLIM_INFINITY else soft
+
+
+def session_budget(fd_limit: int) -> int:
+    """How many server sessions (one upstream socket each) fit under `fd_limit`."""
+    return max(1, fd_limit - RESERVED_FDS) if fd_limit else 1 << 30
 
 
 def open_udp_socket(family: int, bind_to: Optional[tuple] = None) -> socket.socket:
@@ -2595,12 +2686,27 @@ def format_table(rows: Sequence[Sequence[str]]) -> List[str]:
 
 
 def write_json_atomically(path: str, data: Any) -> None:
-    """Write then rename, so a reader never sees half a file."""
+    """Write then rename, so a reader never sees half a file.  The temporary file is made
+    new (O_EXCL) and never through a symbolic link: in a directory others can write to,
+    a planted link must not make us overwrite its target."""
     tmp = "%s.tmp%d" % (path, os.getpid())
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except FileExistsError:  # left by a crash of an earlier process with our pid; a link is unlinked, not followed
+        os.unlink(tmp)
+        fd = os.open(tmp, flags, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def log_counter_summary(log: Log, who: str, counters: Counters, last: Optional[Dict[str, int]]) -> Dict[str, int]:
@@ -2790,6 +2896,8 @@ class ServerDataPath:
         self._bufs = [self._view]  # for recvmsg_into
         self._batch = SendBatch(self.counters)  # replies from upstreams, sealed for the client
         self._upstream_batch = SendBatch(self.counters, "upstream_full")  # payloads for one upstream socket
+        self.session_budget = 1 << 30  # sessions of all clients together: what the fd limit allows
+        self.open_sessions = 0
 
     def open(self) -> None:
         cfg = self.config
@@ -2797,6 +2905,7 @@ class ServerDataPath:
         self.listen_sock = open_udp_socket(family, sockaddr)
         self._gro = enable_gro(self.listen_sock)
         self.reactor.add_reader(self.listen_sock, self.on_listen_readable)
+        self.session_budget = session_budget(raise_fd_limit())
 
     def close(self) -> None:
         for peer in self.peers.values():
@@ -2881,21 +2990,58 @@ class ServerDataPath:
         if upstream.addr is None:
             self.counters.add("upstream_unresolved")
             return None
+        if self.open_sessions >= self.session_budget and not self._make_room(peer):
+            return None
         try:
-            sock = open_udp_socket(upstream.family)
-            sock.connect(upstream.addr)  # connected: only the upstream's replies, and its ICMP errors
+            sock = self._upstream_socket(peer, upstream)
         except OSError as exc:
             self.socket_error("upstream", exc)
             return None
         session = ServerSession(session_id, peer, sock, upstream.addr, self.reactor.time())
         peer.sessions[session_id] = session
+        self.open_sessions += 1
         self.reactor.add_reader(sock, lambda: self.on_upstream_readable(session))
         self.log.debug("client %d: session %08x opened, upstream %s from %s" % (
             peer.client_id, session_id, upstream.text, format_address(sock.getsockname())))
         return session
 
+    def _upstream_socket(self, peer: Peer, upstream: Endpoint) -> socket.socket:
+        """A socket connected to the upstream: only its replies come in, and its ICMP errors.
+        Out of file descriptors (another process took some), a session makes room once."""
+        try:
+            sock = open_udp_socket(upstream.family)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._make_room(peer):
+                raise
+            sock = open_udp_socket(upstream.family)
+        try:
+            sock.connect(upstream.addr)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _make_room(self, peer: Peer) -> bool:
+        """The file descriptors are all taken by sessions: close the least recently used
+        session of the client that holds the most (on a tie, of `peer` itself), so no
+        client can starve the others.  False if there is none to close."""
+        greediest = max(self.peers.values(), key=lambda p: (len(p.sessions), p is peer))
+        if not greediest.sessions:
+            self.counters.add("session_budget")
+            return False
+        # No packet since the last sweep first, then the longest idle.
+        victim = min(greediest.sessions.values(), key=lambda s: (s.packets != s.seen_packets, s.last_active))
+        self.close_session(victim)
+        self.counters.add("session_evicted")
+        self.log.every("session-evicted", ERROR_LOG_INTERVAL_S, "warn",
+                       "%d sessions use the file descriptors there are (ulimit -n): client %d's least "
+                       "recently used session %08x closed for a new one of client %d" % (
+                           self.open_sessions + 1, greediest.client_id, victim.id, peer.client_id))
+        return True
+
     def close_session(self, session: ServerSession) -> None:
-        session.peer.sessions.pop(session.id, None)
+        if session.peer.sessions.pop(session.id, None) is not None:
+            self.open_sessions -= 1
         self.reactor.remove_reader(session.sock)
         session.sock.close()
 
@@ -2981,6 +3127,8 @@ class ServerHandshake:
         self.send = send
         self._secret = os.urandom(KEY_SIZE)  # for cookies; never leaves this process
         self._ctl = bytearray(OVERHEAD + WELCOME_PAYLOAD.size)
+        self._cookies_by_prefix = RateLimiter(COOKIES_PER_PREFIX_PER_S, COOKIE_BURST_PER_PREFIX)
+        self._cookies = RateLimiter(COOKIES_PER_S, COOKIE_BURST)
 
     def on_hello(self, peer: Peer, link: int, addr: tuple, packet: bytes) -> None:
         n = len(packet)
@@ -2995,8 +3143,7 @@ class ServerHandshake:
         epoch = peer.pending.get(tag)
         if epoch is None or epoch.client_nonce != client_nonce:
             if not self._cookie_ok(peer, client_nonce, addr, cookie):
-                self._answer(peer, TYPE_COOKIE, link, client_nonce,
-                             self._cookie(peer, client_nonce, addr, self._cookie_period()), addr)
+                self._send_cookie(peer, link, client_nonce, addr)
                 return
             epoch = self._new_pending_epoch(peer, client_nonce)
             if epoch is None:
@@ -3020,6 +3167,14 @@ class ServerHandshake:
         while len(peer.pending) > PENDING_EPOCHS_PER_CLIENT:
             del peer.pending[next(iter(peer.pending))]
         return epoch
+
+    def _send_cookie(self, peer: Peer, link: int, client_nonce: bytes, addr: tuple) -> None:
+        now = self.reactor.time()
+        if not (self._cookies_by_prefix.allow(source_prefix(addr), now) and self._cookies.allow(None, now)):
+            self.counters.add("cookie_limit")  # a spoofed source's flood, or a burst of real ones: they retry
+            return
+        self._answer(peer, TYPE_COOKIE, link, client_nonce, self._cookie(peer, client_nonce, addr,
+                                                                         self._cookie_period()), addr)
 
     def _answer(self, peer: Peer, kind: int, link: int, client_nonce: bytes, value: bytes, addr: tuple) -> None:
         """WELCOME(client nonce, server nonce) or COOKIE(client nonce, cookie): HELLO's size."""
@@ -3090,6 +3245,11 @@ class Server(ServerControl):
             ", ".join(sorted(self._upstreams))))
         for endpoint in self._upstreams.values():
             endpoint.start(self.reactor, self.resolver, self.log, cfg.dns_refresh_interval_s)
+        wanted = cfg.max_sessions * len(self.peers)
+        if wanted > self.data.session_budget:
+            self.log.warn("max_sessions %d x %d client(s) = %d sessions, but the open-file limit leaves room "
+                          "for %d: they are shared, the client with the most gives way (raise LimitNOFILE "
+                          "or ulimit -n)" % (cfg.max_sessions, len(self.peers), wanted, self.data.session_budget))
         self._sweep_timer = self.reactor.call_every(self._sweep_interval(), self._sweep)
         self._drop_summary = self.reactor.call_every(DROP_SUMMARY_INTERVAL_S, self._log_drops)
 
@@ -3201,7 +3361,8 @@ class Server(ServerControl):
                 "upstream": peer.upstream.text,
                 "sessions": len(peer.sessions),
             })
-        return {"mode": "server", "pid": os.getpid(), "clients": clients, "counters": dict(self.counters)}
+        return {"mode": "server", "pid": os.getpid(), "clients": clients, "counters": dict(self.counters),
+                "sessions": self.data.open_sessions, "session_budget": min(self.data.session_budget, 1 << 30)}
 
     def status_lines(self) -> List[str]:
         return server_status_lines(self.status())
@@ -3242,6 +3403,8 @@ class Server(ServerControl):
 # "mode" is read.  Every problem names its key path; all are reported at once.
 
 REQUIRED = object()
+MAX_CONFIG_BYTES = 16 << 20  # 65535 client keys take about 3.2 MB; /dev/zero takes forever
+MAX_STATUS_BYTES = 64 << 20  # a server's status with 65535 clients
 
 CLIENT_DEFAULTS = {
     "heartbeat_interval_sec": 1.0,
@@ -3317,6 +3480,9 @@ class _Section:
 
     def number(self, key: str, default: Any, minimum: float, allow_zero: bool = False) -> Any:
         value = self.get(key, "number", default)
+        if isinstance(value, int) and value.bit_length() > 64:  # math.isfinite would overflow
+            self.error(key, "is too large")
+            return default if default is not REQUIRED else None
         if value is not None and not math.isfinite(value):
             self.error(key, "must be a finite number")
             return default if default is not REQUIRED else None
@@ -3342,6 +3508,10 @@ class _Section:
             return None
         if not listen and (not host or port == 0):
             self.error(key, "%r: needs a host and a port from 1 to 65535" % text)
+            return None
+        problem = host_problem(host)
+        if problem:
+            self.error(key, "%r: %s" % (text[:80], problem))
             return None
         return text, host, port
 
@@ -3488,9 +3658,9 @@ def _read_link_socket_options(link: _Section, remote: Optional[Tuple[str, str, i
     if bind_interface and not sys.platform.startswith("linux"):
         link.error("bind_interface", linux_only)
     elif bind_interface and (len(bind_interface.encode()) > 15 or "/" in bind_interface
-                             or any(c.isspace() for c in bind_interface)):
-        link.error("bind_interface", "%r is not an interface name (at most 15 bytes, no '/' or spaces)"
-                   % bind_interface)
+                             or not bind_interface.isprintable() or any(c.isspace() for c in bind_interface)):
+        link.error("bind_interface", "%r is not an interface name (at most 15 bytes, printable, no '/' or spaces)"
+                   % bind_interface[:40])
     fwmark = link.get("fwmark", "int", 0) if not isinstance(link.data.get("fwmark"), str) else None
     if fwmark is None:  # "0x100", as ip rule and mwan3 write marks
         text = link.get("fwmark", "str")
@@ -3612,24 +3782,45 @@ def parse_config(data: Any, path: str = "config") -> Config:
     return Config(mode, section, [w.lstrip(".") for w in warnings], path)
 
 
-def load_config(path: str) -> Config:
-    """Read and check the config file at `path`."""
+def read_json_file(path: str, what: str, max_bytes: int) -> Any:
+    """The JSON value in the regular file at `path`, of at most `max_bytes`.  Anything else
+    (a FIFO, a device, a huge or binary file, nesting past the parser's depth) is a
+    ConfigError saying so in one line: these files are input, and input can be wrong."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
     except OSError as exc:
         raise ConfigError("%s: cannot read: %s" % (path, exc.strerror or exc)) from None
     try:
-        data = json.loads(text)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError("%s: not a regular file" % path)
+        raw = os.read(fd, max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > max_bytes:
+        raise ConfigError("%s: larger than %d bytes: not %s" % (path, max_bytes, what))
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError("%s: not UTF-8 text (byte %d)" % (path, exc.start)) from None
     except ValueError as exc:
         raise ConfigError("%s: not valid JSON: %s" % (path, exc)) from None
-    config = parse_config(data, path)
+    except RecursionError:
+        raise ConfigError("%s: not valid JSON: nested too deeply" % path) from None
+
+
+def load_config(path: str) -> Config:
+    """Read and check the config file at `path`."""
+    config = parse_config(read_json_file(path, "a config file", MAX_CONFIG_BYTES), path)
     try:
-        if os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH):
-            config.warnings.append("%s: readable by other users, but it holds a private key; "
-                                   "chmod 600 %s" % (path, path))
+        mode = os.stat(path).st_mode
     except OSError:
-        pass
+        return config
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        config.warnings.append("%s: writable by other users, who could change where the traffic goes "
+                               "or replace the keys; chmod 600 %s" % (path, path))
+    elif mode & (stat.S_IRGRP | stat.S_IROTH):
+        config.warnings.append("%s: readable by other users, but it holds a private key; "
+                               "chmod 600 %s" % (path, path))
     return config
 
 
@@ -3881,30 +4072,35 @@ def show_status(config: Config, out=None) -> int:
         out.write("no status: set %s.%s in %s, then reload (SIGHUP) or restart mpudp\n" % (
             config.mode, key, config.path))
         return 3
+    if not os.path.exists(path):
+        out.write("mpudp is not running (or has not written %s yet)\n" % path)
+        return 3
     try:
-        with open(path) as f:
-            status = json.load(f)
-    except (OSError, ValueError) as exc:
-        out.write("mpudp is not running (or has not written %s yet): %s\n" % (path, exc))
+        status = read_json_file(path, "a status file", MAX_STATUS_BYTES)
+        lines = client_status_lines(status) if config.mode == "client" else server_status_lines(status)
+        written_at, pid = status["time"], status["pid"]
+        if not (isinstance(written_at, (int, float)) and math.isfinite(written_at) and isinstance(pid, int)):
+            raise TypeError
+    except ConfigError as exc:
+        out.write("cannot show the status: %s\n" % exc)
         return 3
-    if not isinstance(status, dict) or not isinstance(status.get("time"), (int, float)):
-        out.write("%s is not an mpudp status file\n" % path)
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError, OverflowError, RecursionError):
+        out.write("%s is not an mpudp %s status file\n" % (path, config.mode))
         return 3
-    age = time.time() - status["time"]
+    age = time.time() - written_at
     written_every_s = (max(SCORE_FILE_MIN_INTERVAL_S, cfg.heartbeat_interval_s) if config.mode == "client"
                        else SWEEP_INTERVAL_CEILING_S)
-    if not _pid_alive(status.get("pid")) or age > 3 * written_every_s:
-        out.write("mpudp is not running: %s was last written %.0fs ago by pid %s\n" % (path, age, status.get("pid")))
+    if not _pid_alive(pid) or not -written_every_s <= age <= 3 * written_every_s:
+        out.write("mpudp is not running: %s was last written %.0fs ago by pid %d\n" % (path, age, pid))
         return 3
-    out.write("mpudp %s, pid %s, updated %.1fs ago\n" % (config.mode, status.get("pid"), age))
-    lines = client_status_lines(status) if config.mode == "client" else server_status_lines(status)
+    out.write("mpudp %s, pid %d, updated %.1fs ago\n" % (config.mode, pid, age))
     for line in lines:
         out.write(line + "\n")
     return 0
 
 
 def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
+    if not isinstance(pid, int) or not 0 < pid < 1 << 31:
         return False
     try:
         os.kill(pid, 0)

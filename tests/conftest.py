@@ -248,11 +248,12 @@ def active_index(status):
 class MpudpProcess:
     """`python3 mpudp.py -config=PATH` as a child process; its stderr lines are kept and waitable."""
 
-    def __init__(self, config_path, *extra_args):
+    def __init__(self, config_path, *extra_args, preexec_fn=None):
         self.config_path = config_path
         self.proc = subprocess.Popen(
             [sys.executable, MPUDP, "-config=%s" % config_path] + list(extra_args),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, cwd=ROOT)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, cwd=ROOT,
+            preexec_fn=preexec_fn)
         self.lines = []
         self.cond = threading.Condition()
         self._readers = [threading.Thread(target=self._read, args=(stream,), daemon=True)

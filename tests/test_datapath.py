@@ -222,3 +222,37 @@ def test_a_send_error_moves_the_route_only_after_the_drain():
     assert payloads == [(1, b"B" * 50), (2, b"B" * 50), (1, b"C" * 40), (2, b"C" * 40)], payloads
     for _link, packet in wire:
         assert mpudp.verify(server_epoch.rx_mac, packet, len(packet))
+
+
+class FakeReceiveSocket:
+    """A link socket with datagrams waiting to be read."""
+
+    def __init__(self, datagrams):
+        self.datagrams = list(datagrams)
+
+    def recvfrom_into(self, view):
+        if not self.datagrams:
+            raise BlockingIOError
+        data = self.datagrams.pop(0)
+        view[:len(data)] = data
+        return len(data), SERVER
+
+
+def test_an_echo_counts_only_for_the_link_it_names():
+    """An on-path party copied link 1's echoes onto link 0's socket and kept a dead link 0
+    up.  The echo names its link under the MAC: on another link's socket it is dropped."""
+    rng, reactor, data, control, links, wire, server_epoch = make_path(2)
+    echoes = []
+    control.on_echo = lambda link, seq, bitmap: echoes.append((link.index, seq))
+    echo = mpudp.seal(server_epoch.tx_mac, mpudp.TYPE_ECHO, 1, 0, 0, server_epoch.next_nonce(),
+                      mpudp.ECHO_PAYLOAD.pack(7, 1))
+    links[0].sock = FakeReceiveSocket([echo])
+    data.on_link_readable(links[0])
+    reactor.run_soon()
+    assert echoes == [] and data.counters["wrong_link"] == 1
+    links[1].sock = FakeReceiveSocket([mpudp.seal(server_epoch.tx_mac, mpudp.TYPE_ECHO, 1, 0, 0,
+                                                  server_epoch.next_nonce(), mpudp.ECHO_PAYLOAD.pack(8, 1))])
+    data.on_link_readable(links[1])
+    assert echoes == [], "control must not run inside the drain"
+    reactor.run_soon()
+    assert echoes == [(1, 8)]
