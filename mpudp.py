@@ -3571,15 +3571,50 @@ class LinkConfig:
         return (self.bind_interface, self.bind_addr[2] if self.bind_addr else None, self.fwmark)
 
 
-class ClientConfig:
+class CommonConfig:
+    """The keys both sections have (README, "Configuration"); filled in by _read_common."""
+
+    listen_addr = ""  # as written
+    listen_host = ""
+    listen_port = 0
+    debug = False
+    log_target = "stderr"
+    session_timeout_s = 180.0
+    max_sessions = 1024
+    dns_refresh_interval_s = 600.0
+
+
+class ClientConfig(CommonConfig):
     """The client section, checked; `static_secret` is derived from the keys."""
+
+    links = []  # type: List[LinkConfig]
+    redundancy = 1  # type: Any  # 1..MAX_REDUNDANCY or "auto"
+    heartbeat_interval_s = 1.0
+    loss_weight = 5.0
+    rtt_weight = 1.0
+    switch_threshold = 25.0
+    throughput_threshold_kbps = 500.0
+    max_consecutive_fail = 5
+    client_id = 0
+    score_file = ""
+    private_key = None  # type: Optional[bytes]
+    server_public_key = None  # type: Optional[bytes]
+    static_secret = b""
 
     def __repr__(self) -> str:  # never print keys
         return "ClientConfig(listen_addr=%r, links=%d)" % (self.listen_addr, len(self.links))
 
 
-class ServerConfig:
+class ServerConfig(CommonConfig):
     """The server section, checked; `static_secrets[i]` belongs to client id i."""
+
+    heartbeat_timeout_s = 10.0
+    status_file = ""
+    private_key = None  # type: Optional[bytes]
+    client_public_keys = []  # type: List[bytes]
+    static_secrets = []  # type: List[bytes]
+    upstream = None  # type: Optional[Tuple[str, str, int]]  # (text, host, port)
+    upstream_addrs = None  # type: Optional[List[Tuple[str, str, int]]]  # per client id, if given
 
     def __repr__(self) -> str:
         return "ServerConfig(listen_addr=%r, clients=%d)" % (self.listen_addr, len(self.client_public_keys))

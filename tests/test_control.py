@@ -1,0 +1,334 @@
+"""The control objects around the data path, each on its own, on a fake clock with fake
+sockets: Reactor.call_soon, ClientHandshake, LinkMonitor, Steering and Route, ReturnPath."""
+
+import io
+import os
+
+import pytest
+
+from conftest import FakeClock
+
+import mpudp
+
+SERVER = ("192.0.2.1", 5000)
+
+
+class RecordingSocket:
+    """A link socket that keeps what is sent on it; `refuse` makes sends fail."""
+
+    family = 2
+
+    def __init__(self):
+        self.sent = []
+        self.refuse = None
+
+    def sendto(self, data, addr):
+        if self.refuse is not None:
+            raise self.refuse
+        self.sent.append(bytes(data))
+        return len(data)
+
+    def kinds(self):
+        return [packet[0] & mpudp.TYPE_MASK for packet in self.sent]
+
+
+def make_links(count, max_consecutive_fail=3):
+    links = []
+    for i in range(count):
+        spec = mpudp.LinkConfig("192.0.2.1:5000", "192.0.2.1", 5000, 0)
+        link = mpudp.ClientLink(i, spec, lambda endpoint: None, max_consecutive_fail, 0.0)
+        link.sock = RecordingSocket()
+        links.append(link)
+    return links
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def reactor(clock):
+    made = mpudp.Reactor(clock=clock, log=mpudp.Log(stream=io.StringIO(), clock=clock))
+    yield made
+    made.close()
+
+
+def run_until(reactor, clock, when):
+    """Fire every timer due up to `when`, in order."""
+    while reactor._heap and reactor._heap[0][0] <= when:
+        clock.now = max(clock.now, reactor._heap[0][0])
+        reactor.run_once(0)
+    clock.now = when
+
+
+# -- Reactor.call_soon --------------------------------------------------------------
+
+
+def test_call_soon_runs_after_the_current_callback_and_is_guarded(reactor, clock):
+    order = []
+
+    def drain():
+        order.append("drain starts")
+        reactor.call_soon(order.append, "control")
+        reactor.call_soon(lambda: 1 / 0)  # a failing report does not stop the next
+        reactor.call_soon(order.append, "more control")
+        order.append("drain ends")
+
+    reactor.call_at(clock.now, drain)
+    reactor.call_at(clock.now, order.append, "next timer")
+    reactor.run_once(0)
+    assert order == ["drain starts", "drain ends", "control", "more control", "next timer"]
+    assert reactor.errors["callback"] == 1
+
+
+def test_cancel_counts_the_dead_entry_whichever_way_it_is_cancelled(reactor, clock):
+    timers = [reactor.call_later(10, lambda: None) for _ in range(100)]
+    for timer in timers[:70]:
+        timer.cancel()  # the timer's own cancel, not reactor.cancel
+    assert len(reactor._heap) < 100 and reactor.pending_timers == 30  # compacted once more than half was dead
+
+
+# -- ClientHandshake -------------------------------------------------------------------
+
+
+def handshake_for(reactor, links, epochs):
+    secret = os.urandom(32)
+    static = mpudp.StaticKeys(secret)
+    handshake = mpudp.ClientHandshake(reactor, reactor.log, mpudp.Counters(), static, 3, lambda: links,
+                                      epochs.append)
+    handshake.retry_ceiling_s = 0.5
+    for link in links:
+        link.on_send_error = lambda exc: None
+    return handshake, static
+
+
+def server_answer(static, hello, kind, value):
+    """The server's COOKIE or WELCOME to `hello` (what ServerHandshake sends)."""
+    nonce = mpudp.HELLO_PAYLOAD.unpack_from(hello, mpudp.HEADER_SIZE)[0]
+    return mpudp.seal(static.welcome_mac, kind, 0, 3, 0, 0, mpudp.WELCOME_PAYLOAD.pack(nonce, value))
+
+
+def test_a_handshake_sends_hello_on_every_link_answers_a_cookie_and_makes_the_epoch(reactor, clock):
+    links, epochs = make_links(2), []
+    handshake, static = handshake_for(reactor, links, epochs)
+    handshake.start()
+    assert [l.sock.kinds() for l in links] == [[mpudp.TYPE_HELLO], [mpudp.TYPE_HELLO]]
+    hello = links[1].sock.sent[0]
+    assert mpudp.verify(static.hello_mac, hello, len(hello))
+    cookie = os.urandom(16)
+    handshake.on_packet(links[1], server_answer(static, hello, mpudp.TYPE_COOKIE, cookie))
+    again = links[1].sock.sent[-1]
+    assert len(links[1].sock.sent) == 2 and len(links[0].sock.sent) == 1  # on that link only, at once
+    assert mpudp.HELLO_PAYLOAD.unpack_from(again, mpudp.HEADER_SIZE)[1] == cookie
+    handshake.on_packet(links[1], server_answer(static, hello, mpudp.TYPE_COOKIE, cookie))
+    assert len(links[1].sock.sent) == 2 and handshake.counters["stale_welcome"] == 1  # a copy: no second HELLO
+    server_nonce = os.urandom(16)
+    handshake.on_packet(links[1], server_answer(static, hello, mpudp.TYPE_WELCOME, server_nonce))
+    assert len(epochs) == 1 and not handshake.under_way
+    client_nonce = mpudp.HELLO_PAYLOAD.unpack_from(hello, mpudp.HEADER_SIZE)[0]
+    server_side = mpudp.Epoch(static.secret, client_nonce, server_nonce, is_client=False)
+    assert epochs[0].tag == server_side.tag
+    packet = mpudp.seal(epochs[0].tx_mac, mpudp.TYPE_DATA, 0, 3, 1, epochs[0].next_nonce(), b"x")
+    assert mpudp.verify(server_side.rx_mac, packet, len(packet))
+    assert reactor.pending_timers == 0  # no retry left behind
+
+
+def test_a_handshake_retries_sooner_first_and_changes_its_nonce(reactor, clock):
+    links, epochs = make_links(1), []
+    handshake, static = handshake_for(reactor, links, epochs)
+    handshake.start()
+    sent_at = []
+    for _ in range(12):
+        sent_at.append(clock.now)
+        run_until(reactor, clock, reactor._heap[0][0])
+    gaps = [round(b - a, 3) for a, b in zip(sent_at, sent_at[1:])]
+    assert gaps[:4] == [0.05, 0.1, 0.2, 0.4] and set(gaps[4:]) == {0.5}
+    nonces = [mpudp.HELLO_PAYLOAD.unpack_from(p, mpudp.HEADER_SIZE)[0] for p in links[0].sock.sent]
+    assert len(set(nonces[:mpudp.HELLO_TRIES_PER_NONCE - 1])) == 1 and len(set(nonces)) >= 3
+    assert "no answer from the server" in reactor.log.stream.getvalue()
+
+
+def test_a_welcome_for_another_nonce_or_under_another_key_makes_nothing(reactor, clock):
+    links, epochs = make_links(1), []
+    handshake, static = handshake_for(reactor, links, epochs)
+    handshake.start()
+    hello = links[0].sock.sent[0]
+    stranger = mpudp.StaticKeys(os.urandom(32))
+    handshake.on_packet(links[0], server_answer(stranger, hello, mpudp.TYPE_WELCOME, os.urandom(16)))
+    other = mpudp.seal(static.welcome_mac, mpudp.TYPE_WELCOME, 0, 3, 0, 0,
+                       mpudp.WELCOME_PAYLOAD.pack(os.urandom(16), os.urandom(16)))
+    handshake.on_packet(links[0], other)
+    assert epochs == [] and handshake.under_way
+    assert handshake.counters["auth"] == 1 and handshake.counters["stale_welcome"] == 1
+
+
+# -- LinkMonitor -----------------------------------------------------------------------
+
+
+class DataPathView:
+    """What the monitor reads of the data path."""
+
+    def __init__(self, links):
+        secret, c, s = os.urandom(32), os.urandom(16), os.urandom(16)
+        self.epoch = mpudp.Epoch(secret, c, s, is_client=True)
+        self.server_epoch = mpudp.Epoch(secret, c, s, is_client=False)
+        self.route = mpudp.Route((links[0],))
+
+
+def monitor_for(reactor, links):
+    data = DataPathView(links)
+    events = []
+    monitor = mpudp.LinkMonitor(reactor, mpudp.Counters(), 3, data, lambda l: events.append(("up", l.index)),
+                                lambda l: events.append(("down", l.index)))
+    monitor.interval_s = 0.5
+    errors = []
+    for link in links:
+        link.on_send_error = lambda exc, link=link: errors.append((link.index, exc))
+    return monitor, data, events, errors
+
+
+def answer(link, data, clock, monitor):
+    """Echo the link's last heartbeat (as the server does, bitmap: all received)."""
+    packet = link.sock.sent[-1]
+    seq = mpudp.HEARTBEAT_PAYLOAD.unpack_from(packet, mpudp.HEADER_SIZE)[0]
+    monitor.on_echo(link, seq, 0xFFFFFFFF)
+    return seq
+
+
+def test_heartbeats_carry_active_only_on_carriers_and_an_echo_brings_a_link_up(reactor, clock):
+    links = make_links(2)
+    monitor, data, events, _ = monitor_for(reactor, links)
+    for link in links:
+        monitor.beat_now(link)
+    reactor.run_once(0)
+    flags = [l.sock.sent[0][0] for l in links]
+    assert flags == [mpudp.TYPE_HEARTBEAT | mpudp.FLAG_ACTIVE, mpudp.TYPE_HEARTBEAT]
+    for link in links:
+        packet = link.sock.sent[0]
+        assert mpudp.verify(data.server_epoch.rx_mac, packet, len(packet))
+    clock.advance(0.02)
+    answer(links[1], data, clock, monitor)
+    assert events == [("up", 1)] and links[1].health.srtt == pytest.approx(0.02)
+
+
+def test_misses_take_a_link_down_fast_and_forget_leaves_no_timer(reactor, clock):
+    links = make_links(1, max_consecutive_fail=3)
+    monitor, data, events, _ = monitor_for(reactor, links)
+    link = links[0]
+    monitor.beat_now(link)
+    reactor.run_once(0)
+    clock.advance(0.01)
+    answer(link, data, clock, monitor)
+    start = clock.now
+    deadline = start + 10
+    while ("down", 0) not in events and clock.now < deadline:
+        run_until(reactor, clock, reactor._heap[0][0])
+    assert ("down", 0) in events
+    # First miss after up to one interval plus a timeout, then probes every half timeout:
+    # far sooner than three intervals plus three timeouts.
+    assert clock.now - start < 0.5 + 3 * 0.1 + 0.2, clock.now - start
+    monitor.forget(link)
+    assert reactor.pending_timers == 0 and not monitor.watching(link)
+
+
+def test_a_refused_heartbeat_is_reported_not_raised(reactor, clock):
+    links = make_links(1)
+    monitor, data, events, errors = monitor_for(reactor, links)
+    links[0].sock.refuse = OSError(101, "Network is unreachable")
+    monitor.beat_now(links[0])
+    reactor.run_once(0)
+    assert [(i, e.errno) for i, e in errors] == [(0, 101)] and reactor.errors["callback"] == 0
+
+
+# -- Steering and Route ----------------------------------------------------------------
+
+
+def steering_config(**extra):
+    server, client = mpudp.generate_private_key(), mpudp.generate_private_key()
+    section = {"listen_addr": "127.0.0.1:0", "links": [{"remote_addr": "192.0.2.1:5000"}] * 3,
+               "client_private_key": mpudp.encode_key(client),
+               "server_public_key": mpudp.encode_key(mpudp.public_key(server))}
+    section.update(extra)
+    return mpudp.parse_config({"mode": "client", "client": section}).section
+
+
+def bring_up(link, now, rtt=0.01, answers=4):
+    for seq in range(1, answers + 1):
+        link.health.on_sent(seq + 1000 * link.index, now)
+        link.health.on_echo(seq + 1000 * link.index, 1, now + rtt)
+
+
+def test_steering_fails_over_and_publishes_a_new_route_each_time(clock):
+    links = make_links(2)
+    steering = mpudp.Steering(steering_config(), mpudp.Log(stream=io.StringIO()))
+    first = steering.first_choice(links, clock.now)
+    assert first.carriers == (links[0],) and steering.active is links[0]
+    for link in links:
+        bring_up(link, clock.now)
+    assert steering.evaluate(links, clock.now).carriers == (links[0],)
+    links[0].health.force_down(clock.now)
+    after = steering.evaluate(links, clock.now)
+    assert after.carriers == (links[1],) and first.carriers == (links[0],)  # the old route is untouched
+    assert after.data_flags == mpudp.TYPE_DATA | mpudp.FLAG_ACTIVE and links[1].switches == 1
+
+
+def test_redundancy_puts_the_best_other_links_in_the_route(clock):
+    links = make_links(3)
+    steering = mpudp.Steering(steering_config(redundancy=2), mpudp.Log(stream=io.StringIO()))
+    for link, rtt in zip(links, (0.01, 0.05, 0.02)):
+        bring_up(link, clock.now, rtt)
+    steering.first_choice(links, clock.now)
+    route = steering.evaluate(links, clock.now)
+    assert route.carriers == (links[0], links[2])
+    assert route.data_flags == mpudp.TYPE_DATA | mpudp.FLAG_ACTIVE | (1 << mpudp.COPIES_SHIFT)
+    assert route.heartbeat_flags(links[2]) & mpudp.FLAG_ACTIVE
+    assert route.heartbeat_flags(links[1]) == mpudp.TYPE_HEARTBEAT
+
+
+def test_auto_redundancy_adds_a_copy_while_the_active_link_misses(clock):
+    links = make_links(2, max_consecutive_fail=10)
+    steering = mpudp.Steering(steering_config(redundancy="auto"), mpudp.Log(stream=io.StringIO()))
+    for link in links:
+        bring_up(link, clock.now, answers=49)  # one miss in 50 costs 10 points: no switch
+    steering.first_choice(links, clock.now)
+    assert len(steering.evaluate(links, clock.now).carriers) == 1
+    links[0].health.on_sent(99, clock.now)
+    links[0].health.on_timeout(99, clock.now + 1)
+    assert steering.evaluate(links, clock.now).carriers == (links[0], links[1])
+
+
+def test_a_link_without_a_socket_carries_nothing(clock):
+    links = make_links(1)
+    steering = mpudp.Steering(steering_config(), mpudp.Log(stream=io.StringIO()))
+    bring_up(links[0], clock.now)
+    steering.first_choice(links, clock.now)
+    links[0].sock = None
+    assert steering.evaluate(links, clock.now).carriers == ()
+
+
+# -- ReturnPath ------------------------------------------------------------------------
+
+
+A, B, C = ("192.0.2.1", 1), ("192.0.2.2", 2), ("192.0.2.3", 3)
+COPIES2 = 1 << mpudp.COPIES_SHIFT
+
+
+def test_the_return_path_follows_the_newest_active_packet_only():
+    path = mpudp.ReturnPath()
+    assert path.observe(0, A, 5, 0) and path.addrs == [A] and path.links == ((0, A),)
+    assert path.observe(1, B, 7, 0) and path.addrs == [B]
+    assert not path.observe(0, A, 6, 0) and path.addrs == [B]  # late: never moves it back
+    assert not path.observe(1, B, 8, 0)  # same place: no change to report
+
+
+def test_with_copies_the_slower_link_carries_too_and_a_new_epoch_restarts_the_numbers():
+    path = mpudp.ReturnPath()
+    path.observe(0, A, 10, COPIES2)
+    assert path.observe(1, B, 9, COPIES2)  # the slower copy's link joins, though older
+    assert sorted(path.addrs) == [A, B] and path.links == ((0, A), (1, B))
+    assert not path.observe(1, B, 8, COPIES2)  # late even for its own link
+    path.new_epoch()
+    assert path.observe(2, C, 1, 0) and path.addrs == [C]  # numbers start again at 1
+    path.clear()
+    assert path.addr is None and path.addrs == [] and path.links == ()
