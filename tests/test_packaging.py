@@ -6,6 +6,7 @@ functions that record their arguments, sources the script and calls one of
 its functions.  Its config check runs the repo's mpudp.py for real.
 """
 
+import json
 import os
 import re
 import shutil
@@ -482,3 +483,31 @@ def test_runs_with_python3_light_alone(tmp_path):
     """What packaging/README.md tells OpenWrt users to install (python3-light) is enough,
     for the daemon, keygen.py and the init script's uci2json.py."""
     check_keygen_and_demo(tmp_path, NOT_IN_LIGHT + CODECS)
+
+
+# -- what a newcomer reads and copies ------------------------------------------
+
+
+def test_top_level_config_is_safe_and_says_keys_must_be_generated():
+    with open(os.path.join(ROOT, "config.json")) as f:
+        config = json.load(f)
+    assert config["client"]["listen_addr"].startswith("127.0.0.1:")  # never open to the WAN by default
+    result = subprocess.run([sys.executable, MPUDP, "-config=%s" % os.path.join(ROOT, "config.json"), "--check"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                            timeout=TIMEOUT_S)
+    errors = [line for line in result.stdout.splitlines() if "config error" in line]
+    assert result.returncode == 2 and errors, result.stdout
+    assert all("keygen.py" in line for line in errors), errors
+
+
+@pytest.mark.parametrize("doc", ["README.md", os.path.join("packaging", "README.md")])
+def test_doc_links_stay_inside_the_repository(doc):
+    """A clone or a router has no ../shared: every relative link names a file of the repo."""
+    path = os.path.join(ROOT, doc)
+    with open(path) as f:
+        text = f.read()
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        resolved = os.path.normpath(os.path.join(os.path.dirname(path), target))
+        assert resolved.startswith(ROOT + os.sep) and os.path.exists(resolved), target
