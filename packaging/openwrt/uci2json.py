@@ -452,19 +452,24 @@ def cmd_sections(args) -> int:
 
 def cmd_convert(args) -> int:
     section = find_section(read_uci(args.uci), args.name)
-    errors = []
-    for check in (lambda: uci_bool(section, "enabled", True), lambda: run_as(section),
-                  lambda: section_config(section, args.run_dir)):
-        try:
-            result = check()
-        except UciError as exc:
-            errors.append(str(exc))
+    errors = []  # type: List[str]
+    _collect(errors, uci_bool, section, "enabled", True)
+    user = _collect(errors, run_as, section)
+    config = _collect(errors, section_config, section, args.run_dir)
     if errors:
         raise UciError("\n".join(errors))
-    user, config = run_as(section), result
     write_atomically(args.out, json.dumps(config, indent=2) + "\n")
     print(" ".join([user] + capabilities(config, args.kernel)))
     return 0
+
+
+def _collect(errors: List[str], function, *args):
+    """function(*args), or None with its UciError's lines added to `errors`: every bad option at once."""
+    try:
+        return function(*args)
+    except UciError as exc:
+        errors.append(str(exc))
+        return None
 
 
 def cmd_caps(args) -> int:
