@@ -8,8 +8,10 @@
 #
 # It copies mpudp.py and keygen.py to $PREFIX/share/mpudp, creates /etc/mpudp
 # (mode 700) with config.json.example, and config.json from it if there is
-# none (an existing config is never touched), installs the init script or the
-# systemd unit, and prints the next steps. It starts and restarts nothing.
+# none (an existing config is never touched), installs the init script (with
+# uci2json.py and /etc/config/mpudp, kept if there is one, and the user mpudp)
+# or the systemd unit, and prints the next steps. It starts and restarts nothing.
+# packaging/openwrt/Makefile installs the same files as an OpenWrt package.
 #
 # Environment:
 #   DESTDIR           stage into this directory instead of / (packages, tests):
@@ -43,7 +45,8 @@ esac
 if [ -z "$DESTDIR" ] && [ "$(id -u)" != 0 ]; then
 	die "run me as root (or set DESTDIR to stage the files elsewhere)"
 fi
-for f in mpudp.py keygen.py config.json packaging/openwrt/mpudp.init \
+for f in mpudp.py keygen.py config.json LICENSE packaging/openwrt/mpudp.init \
+		packaging/openwrt/uci2json.py packaging/openwrt/mpudp.config \
 		packaging/systemd/mpudp@.service packaging/systemd/mpudp.sysusers; do
 	[ -f "$SRC/$f" ] || die "$SRC/$f is missing: run me from an mpudp checkout"
 done
@@ -68,13 +71,14 @@ mkdir -p "$DESTDIR$SHARE"
 put "$SRC/mpudp.py" "$DESTDIR$SHARE/mpudp.py" 644
 put "$SRC/keygen.py" "$DESTDIR$SHARE/keygen.py" 644
 put "$SRC/README.md" "$DESTDIR$SHARE/README.md" 644
+put "$SRC/LICENSE" "$DESTDIR$SHARE/LICENSE" 644
 rm -rf "$DESTDIR$SHARE/__pycache__"	# left by keygen.py's import of an older mpudp.py
 # The daemon runs from cached bytecode (it re-executes itself as `import mpudp`):
 # compile it now, while this directory is writable, to save ~6 MB of its memory.
 if command -v "$PYTHON" >/dev/null 2>&1; then
 	"$PYTHON" -m compileall -q "$DESTDIR$SHARE/mpudp.py" >/dev/null 2>&1 || true
 fi
-echo "installed $DESTDIR$SHARE/mpudp.py, keygen.py, README.md"
+echo "installed $DESTDIR$SHARE/mpudp.py, keygen.py, README.md, LICENSE"
 
 # The config holds a private key: the directory is 700, the files 600.
 etc="$DESTDIR/etc/mpudp"
@@ -93,9 +97,23 @@ fi
 
 case "$kind" in
 openwrt)
-	mkdir -p "$DESTDIR/etc/init.d"
+	mkdir -p "$DESTDIR/etc/init.d" "$DESTDIR/etc/config"
 	put_paths "$SRC/packaging/openwrt/mpudp.init" "$DESTDIR/etc/init.d/mpudp" 755
-	echo "installed $DESTDIR/etc/init.d/mpudp"
+	put "$SRC/packaging/openwrt/uci2json.py" "$DESTDIR$SHARE/uci2json.py" 644
+	echo "installed $DESTDIR/etc/init.d/mpudp, $DESTDIR$SHARE/uci2json.py"
+	if [ -e "$DESTDIR/etc/config/mpudp" ]; then
+		echo "kept $DESTDIR/etc/config/mpudp"
+	else
+		(umask 077; put "$SRC/packaging/openwrt/mpudp.config" "$DESTDIR/etc/config/mpudp" 600)
+		echo "created $DESTDIR/etc/config/mpudp (every section disabled)"
+	fi
+	if [ -z "$DESTDIR" ] && [ -f /lib/functions.sh ]; then
+		# The user the relays run as (the package's USERID:=mpudp:mpudp).
+		. /lib/functions.sh
+		group_exists mpudp || group_add_next mpudp >/dev/null
+		user_exists mpudp || user_add mpudp "" "$(sed -n 's/^mpudp:[^:]*:\([0-9]*\):.*/\1/p' /etc/group)" \
+			"mpudp relay" /var/run/mpudp /bin/false
+	fi
 	;;
 systemd)
 	mkdir -p "$DESTDIR$SYSTEMD_UNIT_DIR" "$DESTDIR/etc/sysusers.d"
@@ -132,11 +150,16 @@ cat <<STEPS
 STEPS
 case "$kind" in
 openwrt) cat <<STEPS
-  3. Start it now and at every boot; its log; a reload after an edit:
+  3. Or configure it with uci instead: /etc/config/mpudp has a client, a server
+     and a JSON-file section, all disabled (option config '/etc/mpudp/config.json'
+     runs the file above):
+       uci set mpudp.json.enabled=1 && uci commit mpudp
+       /etc/init.d/mpudp check
+     Start it now and at every boot; its log; a reload after an edit:
        /etc/init.d/mpudp enable && /etc/init.d/mpudp start
-       logread -e mpudp     # every line, with "log_target": "syslog" in the config
-       /etc/init.d/mpudp reload
-  4. On a server, open its UDP port (the port of server.listen_addr, e.g. 5000):
+       logread -e mpudp
+       /etc/init.d/mpudp reload     # or: uci commit mpudp && reload_config
+  4. On a server, open its UDP port (the port of its listen_addr, e.g. 5000):
        uci add firewall rule
        uci set firewall.@rule[-1].name='Allow-mpudp'
        uci set firewall.@rule[-1].src='wan'

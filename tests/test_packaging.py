@@ -6,6 +6,7 @@ functions that record their arguments, sources the script and calls one of
 its functions.  Its config check runs the repo's mpudp.py for real.
 """
 
+import json
 import os
 import re
 import shutil
@@ -24,6 +25,10 @@ UNIT = os.path.join(PACKAGING, "systemd", "mpudp@.service")
 INSTALL = os.path.join(PACKAGING, "install.sh")
 MPUDP = os.path.join(ROOT, "mpudp.py")
 KEYGEN = os.path.join(ROOT, "keygen.py")
+LICENSE = os.path.join(ROOT, "LICENSE")
+UCI2JSON = os.path.join(PACKAGING, "openwrt", "uci2json.py")
+UCI_TEMPLATE = os.path.join(PACKAGING, "openwrt", "mpudp.config")
+MAKEFILE = os.path.join(PACKAGING, "openwrt", "Makefile")
 TIMEOUT_S = 60
 
 
@@ -79,60 +84,7 @@ def client_config(directory, name="client.json"):
         % (client_private, server_public)))
 
 
-# -- the OpenWrt init script in a fake procd ---------------------------------
-
-HARNESS = r"""
-# A fake /etc/rc.common + /lib/functions/procd.sh: every procd call and logger
-# line is recorded to $RECORD as its arguments, tab-separated.
-record() {
-	printf '%s' "$1" >> "$RECORD"
-	shift
-	for arg in "$@"; do printf '\t%s' "$arg" >> "$RECORD"; done
-	printf '\n' >> "$RECORD"
-}
-procd_open_instance() { record procd_open_instance "$@"; }
-procd_set_param() { record procd_set_param "$@"; }
-procd_append_param() { record procd_append_param "$@"; }
-procd_close_instance() { record procd_close_instance "$@"; }
-procd_send_signal() { record procd_send_signal "$@"; }
-logger() { record logger "$@"; }
-initscript=/etc/init.d/mpudp
-. "$INIT"
-"$@"
-"""
-
-
-class FakeProcd:
-    def __init__(self, tmp_path, shell=("sh",)):
-        self.dir = tmp_path
-        self.shell = list(shell)
-        self.harness = write(tmp_path / "harness.sh", HARNESS, 0o644)
-        self.record = str(tmp_path / "record")
-
-    def run(self, *command, **env):
-        """Source the init script and run `command`; (exit status, stderr, recorded calls)."""
-        if os.path.exists(self.record):
-            os.remove(self.record)
-        defaults = {"MPUDP_PYTHON": sys.executable, "MPUDP_PROG": MPUDP}
-        defaults.update(env)
-        proc = subprocess.run(
-            self.shell + [self.harness] + list(command), cwd=str(self.dir), timeout=TIMEOUT_S,
-            env=clean_env(RECORD=self.record, INIT=INIT, **defaults),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-        calls = []
-        if os.path.exists(self.record):
-            with open(self.record) as f:
-                calls = [line.rstrip("\n").split("\t") for line in f]
-        return proc.returncode, proc.stdout + proc.stderr, calls
-
-
-def params(calls):
-    """{param type: [values]} of the procd_set_param calls."""
-    return {call[1]: call[2:] for call in calls if call[0] == "procd_set_param"}
-
-
-def logged(calls):
-    return "\n".join(" ".join(call[1:]) for call in calls if call[0] == "logger")
+# -- shell scripts (the init script's behaviour: tests/test_openwrt_init.py) -----
 
 
 @pytest.mark.parametrize("argv", [["sh", "-n"], ["dash", "-n"], ["busybox", "sh", "-n"]],
@@ -146,98 +98,15 @@ def test_shell_syntax(argv, script):
     assert proc.returncode == 0, proc.stdout
 
 
-def test_init_script_header_and_defaults(tmp_path):
+def test_init_script_header_and_defaults():
     with open(INIT) as f:
         text = f.read()
     assert text.startswith("#!/bin/sh /etc/rc.common\n")
-    for line in ("START=95", "STOP=10", "USE_PROCD=1"):
-        assert re.search(r"^%s$" % line, text, re.M), line
-    # With no override, the paths are the documented ones.
-    procd = FakeProcd(tmp_path)
-    code, out, _ = procd.run("eval", 'echo "$PYTHON|$PROG|$CONFIG"', MPUDP_PYTHON="", MPUDP_PROG="")
-    assert code == 0, out
-    assert out.strip() == "/usr/bin/python3|/usr/share/mpudp/mpudp.py|/etc/mpudp/config.json"
-
-
-@pytest.mark.parametrize("shell", SHELLS)
-def test_start_service_opens_a_respawning_logged_instance(tmp_path, shell):
-    config = good_config(tmp_path)
-    code, out, calls = FakeProcd(tmp_path, shell).run("start_service", MPUDP_CONFIG=config)
-    assert code == 0, out
-    names = [call[0] for call in calls]
-    assert names[0] == "procd_open_instance" and names[-1] == "procd_close_instance", calls
-    assert "logger" not in names, calls
-    p = params(calls)
-    assert p["command"] == [sys.executable, MPUDP, "-config=%s" % config]
-    assert len(p["respawn"]) == 3 and all(v.isdigit() for v in p["respawn"]), p["respawn"]
-    assert p["stdout"] == ["1"] and p["stderr"] == ["1"]
-    assert p["file"] == [config]
-    assert p["limits"] == ["nofile=65536 65536"]
-
-
-@pytest.mark.parametrize("shell", SHELLS)
-def test_start_service_refuses_invalid_json_without_an_instance(tmp_path, shell):
-    config = write(tmp_path / "config.json", '{"mode": "server", ')
-    code, out, calls = FakeProcd(tmp_path, shell).run("start_service", MPUDP_CONFIG=config)
-    assert code != 0
-    assert not [call for call in calls if call[0].startswith("procd_")], calls
-    log = logged(calls)
-    assert "-p daemon.err" in log and "-t mpudp" in log
-    assert "start refused: %s failed the check (exit 2)" % config in log
-    assert "not valid JSON" in log
-    assert "not valid JSON" in out  # and on the terminal of whoever ran it
-
-
-def test_start_service_logs_each_bad_key_on_its_own_line(tmp_path):
-    config = write(tmp_path / "config.json", (
-        '{"mode": "client", "client": {"listen_addr": "127.0.0.1:8999", "links": [{"remote_addr": "nowhere"}],'
-        ' "client_private_key": "x", "server_public_key": "y"}}'))
-    code, out, calls = FakeProcd(tmp_path).run("start_service", MPUDP_CONFIG=config)
-    assert code != 0
-    assert "procd_open_instance" not in [call[0] for call in calls]
-    lines = [call for call in calls if call[0] == "logger"]
-    for key in ("client.links[0].remote_addr", "client.client_private_key", "client.server_public_key"):
-        assert sum(1 for line in lines if key in line[-1]) == 1, (key, lines)
-
-
-def test_start_service_says_when_python_is_missing(tmp_path):
-    config = good_config(tmp_path)
-    missing = str(tmp_path / "no-such-python3")
-    code, out, calls = FakeProcd(tmp_path).run("start_service", MPUDP_CONFIG=config, MPUDP_PYTHON=missing)
-    assert code != 0
-    assert "procd_open_instance" not in [call[0] for call in calls]
-    assert "(exit 127)" in logged(calls) and "opkg install python3-light" in logged(calls)
-
-
-@pytest.mark.parametrize("shell", SHELLS)
-def test_reload_service_sends_hup(tmp_path, shell):
-    config = good_config(tmp_path)
-    code, out, calls = FakeProcd(tmp_path, shell).run("reload_service", MPUDP_CONFIG=config)
-    assert code == 0, out
-    signals = [call for call in calls if call[0] == "procd_send_signal"]
-    assert len(signals) == 1, calls
-    service, rest = signals[0][1], signals[0][2:]
-    assert service == "mpudp"
-    # No signal named means SIGHUP to procd; a named one must be HUP for every instance.
-    assert rest in ([], ["*", "HUP"], ["*", "1"]), rest
-
-
-def test_reload_service_refuses_a_bad_config(tmp_path):
-    config = write(tmp_path / "config.json", "not json")
-    code, out, calls = FakeProcd(tmp_path).run("reload_service", MPUDP_CONFIG=config)
-    assert code != 0
-    assert "procd_send_signal" not in [call[0] for call in calls]
-    assert "reload refused" in logged(calls)
-
-
-def test_check_and_status_commands(tmp_path):
-    config = good_config(tmp_path)
-    procd = FakeProcd(tmp_path)
-    code, out, _ = procd.run("check", MPUDP_CONFIG=config)
-    assert code == 0 and "config OK" in out, out
-    # Not running, and no status_file set: mpudp --status says so, exit 3 (LSB "not running").
-    code, out, _ = procd.run("status_service", MPUDP_CONFIG=config)
-    assert code == 3 and "status_file" in out, out
+    for line in ("START=95", "STOP=10", "USE_PROCD=1", 'PYTHON="${MPUDP_PYTHON:-/usr/bin/python3}"',
+                 'PROG="${MPUDP_PROG:-/usr/share/mpudp/mpudp.py}"', 'UCI2JSON="${PROG%/*}/uci2json.py"',
+                 'UCI_FILE="${MPUDP_UCI:-/etc/config/mpudp}"', 'ETC_DIR="${MPUDP_ETC:-/var/etc/mpudp}"',
+                 'UJAIL="${MPUDP_UJAIL:-/sbin/ujail}"'):
+        assert re.search(r"^%s" % re.escape(line), text, re.M), line
 
 
 # -- systemd -----------------------------------------------------------------
@@ -272,9 +141,11 @@ def test_unit_directives():
     start = one("ExecStart").split()
     assert start == ["/usr/bin/python3", "/usr/share/mpudp/mpudp.py", "-config=/etc/mpudp/%i.json"]
     assert one("ExecStartPre").split() == start + ["--check"]
-    assert one("ExecReload") == "/bin/kill -HUP $MAINPID"
+    # Checked first: systemd runs ExecReload= lines in order and stops at the first that fails.
+    assert [line.split() for line in d[("Service", "ExecReload")]] == [start + ["--check"], ["/bin/kill", "-HUP", "$MAINPID"]]
     assert one("Restart") == "on-failure"
-    assert "2" in one("RestartPreventExitStatus").split()
+    assert ("Service", "RestartPreventExitStatus") not in d  # a bad config is retried too
+    assert 5 <= float(one("RestartSec").rstrip("s")) <= 30
     assert one("NoNewPrivileges") == "yes"
     assert one("ProtectSystem") == "strict"
     assert one("MemoryDenyWriteExecute") == "yes"
@@ -288,8 +159,8 @@ def test_unit_directives():
     for key in ("ProtectHome", "PrivateTmp", "PrivateDevices", "ProtectKernelTunables", "ProtectKernelModules",
                 "ProtectKernelLogs", "ProtectControlGroups", "RestrictNamespaces", "LockPersonality"):
         assert one(key) == "yes", key
-    # RestartPreventExitStatus= sees only the main process: a failing ExecStartPre= is bounded by these.
-    assert int(one("StartLimitBurst", "Unit")) <= 10
+    # A bind failure at boot (the address is not there yet) must not leave the unit failed for good.
+    assert one("StartLimitIntervalSec", "Unit") == "0"
     assert one("WantedBy", "Install") == "multi-user.target"
 
 
@@ -299,6 +170,43 @@ def test_unit_and_init_script_run_the_same_files():
         init = f.read()
     assert 'PYTHON="${MPUDP_PYTHON:-%s}"' % start[0] in init
     assert 'PROG="${MPUDP_PROG:-%s}"' % start[1] in init
+
+
+def run_exec_reload(config, main_pid):
+    """Run the unit's ExecReload= lines as systemd does: in order, stopping at the first that fails."""
+    for line in unit_directives()[("Service", "ExecReload")]:
+        argv = [arg.replace("%i", "x").replace("$MAINPID", str(main_pid)) for arg in line.split()]
+        argv = [sys.executable if a == "/usr/bin/python3" else MPUDP if a == "/usr/share/mpudp/mpudp.py"
+                else "-config=%s" % config if a.startswith("-config=") else a for a in argv]
+        if subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=TIMEOUT_S).returncode:
+            return False
+    return True
+
+
+HUP_WAITER = """
+import signal, sys
+got = []
+signal.signal(signal.SIGHUP, lambda *a: got.append(1))
+print("ready", flush=True)
+sys.stdin.readline()  # the test says when to report
+print("hup" if got else "no hup", flush=True)
+"""
+
+
+@pytest.mark.parametrize("good", [True, False], ids=["good", "bad"])
+def test_exec_reload_signals_only_after_the_check_passes(tmp_path, good):
+    config = good_config(tmp_path) if good else write(tmp_path / "config.json", '{"mode": "server"}')
+    daemon = subprocess.Popen([sys.executable, "-c", HUP_WAITER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              universal_newlines=True)
+    try:
+        assert daemon.stdout.readline().strip() == "ready"
+        assert run_exec_reload(config, daemon.pid) is good  # a bad file fails `systemctl reload`
+        daemon.stdin.write("report\n")
+        daemon.stdin.flush()
+        assert daemon.stdout.readline().strip() == ("hup" if good else "no hup")
+    finally:
+        daemon.kill()
+        daemon.wait(TIMEOUT_S)
 
 
 def systemd_analyze(*args):
@@ -366,6 +274,9 @@ def test_install_openwrt(tmp_path, shell):
     assert mode(share / "mpudp.py") == 0o644
     assert read(root / "etc" / "init.d" / "mpudp") == read(INIT)  # default paths: nothing to substitute
     assert mode(root / "etc" / "init.d" / "mpudp") == 0o755
+    assert read(share / "uci2json.py") == read(UCI2JSON) and read(share / "LICENSE") == read(LICENSE)
+    assert read(root / "etc" / "config" / "mpudp") == read(UCI_TEMPLATE)
+    assert mode(root / "etc" / "config" / "mpudp") == 0o600  # it may hold keys
     assert mode(root / "etc" / "mpudp") == 0o700
     for name in ("config.json", "config.json.example"):
         assert mode(root / "etc" / "mpudp" / name) == 0o600
@@ -400,7 +311,10 @@ def test_install_keeps_an_existing_config(tmp_path):
     etc.mkdir(parents=True)
     os.chmod(str(etc), 0o755)
     mine = write(etc / "config.json", '{"mode": "client"}\n', 0o640)
+    (root / "etc" / "config").mkdir()
+    uci = write(root / "etc" / "config" / "mpudp", "config mpudp 'mine'\n", 0o644)
     install(root, "openwrt")
+    assert read(uci) == "config mpudp 'mine'\n"
     assert read(mine) == '{"mode": "client"}\n' and mode(mine) == 0o640
     assert mode(etc) == 0o700  # tightened: the config holds a private key
     assert (etc / "config.json.example").is_file()
@@ -419,6 +333,101 @@ def test_install_rejects_an_unknown_kind(tmp_path):
                           timeout=TIMEOUT_S)
     assert proc.returncode != 0 and "usage" in proc.stdout
     assert not os.listdir(str(tmp_path))
+
+
+# -- the OpenWrt package (packaging/openwrt/Makefile) ------------------------------
+#
+# The SDK is not reachable here. GNU make runs the real Makefile against a stub
+# rules.mk and package.mk (INSTALL_* as OpenWrt defines them); BuildPackage
+# runs Build/Prepare and Package/mpudp/install into a staging dir.
+
+STUB_RULES = """
+INSTALL_DIR:=install -d -m0755
+INSTALL_BIN:=install -m0755
+INSTALL_DATA:=install -m0644
+INSTALL_CONF:=install -m0600
+CP:=cp -fpR
+INCLUDE_DIR:=$(TOPDIR)/include
+"""
+STUB_PACKAGE = """
+PKG_BUILD_DIR:=$(BUILD_DIR)/$(PKG_NAME)-$(PKG_VERSION)
+define BuildPackage
+$$(eval $$(Package/$(1)))
+stage:
+\t$$(call Build/Prepare)
+\t$$(call Build/Compile)
+\t$$(call Package/$(1)/install,$$(DEST))
+vars:
+\t@echo 'PKG_NAME=$$(PKG_NAME)'
+\t@echo 'PKG_VERSION=$$(PKG_VERSION)'
+\t@echo 'PKG_RELEASE=$$(PKG_RELEASE)'
+\t@echo 'PKG_LICENSE=$$(PKG_LICENSE)'
+\t@echo 'PKG_LICENSE_FILES=$$(PKG_LICENSE_FILES)'
+\t@echo 'DEPENDS=$$(DEPENDS)'
+\t@echo 'PKGARCH=$$(PKGARCH)'
+\t@echo 'USERID=$$(USERID)'
+\t@echo 'CONFFILES=$$(strip $$(Package/$(1)/conffiles))'
+endef
+"""
+
+
+@pytest.fixture
+def package(tmp_path):
+    """(the staged package root, its variables) from `make stage vars` on the real Makefile."""
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    top = tmp_path / "sdk"
+    (top / "include").mkdir(parents=True)
+    write(top / "rules.mk", STUB_RULES, 0o644)
+    write(top / "include" / "package.mk", STUB_PACKAGE, 0o644)
+    dest = tmp_path / "ipkg"
+    proc = subprocess.run(["make", "-s", "-C", os.path.dirname(MAKEFILE), "TOPDIR=%s" % top,
+                           "BUILD_DIR=%s" % (tmp_path / "build"), "DEST=%s" % dest, "stage", "vars"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout
+    variables = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    return dest, variables
+
+
+def tree(root):
+    """{relative path: mode} of every file under root, __pycache__ left out."""
+    found = {}
+    for directory, dirs, files in os.walk(str(root)):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files:
+            path = os.path.join(directory, name)
+            found[os.path.relpath(path, str(root))] = mode(path)
+    return found
+
+
+def test_package_installs_what_install_sh_installs(tmp_path, package):
+    dest, _ = package
+    install(tmp_path / "root", "openwrt")
+    by_hand = tree(tmp_path / "root")
+    # install.sh also makes /etc/mpudp/config.json from the example (the package
+    # leaves that to the operator: UCI is its config, the example stays an example).
+    del by_hand[os.path.join("etc", "mpudp", "config.json")]
+    assert tree(dest) == by_hand
+    for name in ("mpudp.py", "keygen.py", "uci2json.py", "LICENSE"):
+        assert read(dest / "usr" / "share" / "mpudp" / name) == read(os.path.join(ROOT, name) if name != "uci2json.py"
+                                                                       else UCI2JSON)
+    assert read(dest / "etc" / "init.d" / "mpudp") == read(INIT)
+
+
+def test_package_variables(package):
+    dest, v = package
+    assert v["PKG_NAME"] == "mpudp"
+    assert v["PKG_VERSION"] == mpudp.__version__
+    assert v["PKG_RELEASE"].isdigit()
+    assert v["PKG_LICENSE"] == "MIT" and "MIT License" in read(os.path.join(ROOT, v["PKG_LICENSE_FILES"]))
+    assert v["DEPENDS"] == "+python3-light"
+    assert v["PKGARCH"] == "all"
+    assert v["USERID"] == "mpudp:mpudp"  # the user the init script runs the relays as
+    conffiles = v["CONFFILES"].split()
+    assert conffiles == ["/etc/config/mpudp", "/etc/mpudp/"]
+    for path in conffiles:  # each one is installed, so sysupgrade and opkg keep the operator's edits
+        assert (dest / path.lstrip("/")).exists(), path
 
 
 # -- what OpenWrt's python3-light holds ----------------------------------------
@@ -462,10 +471,43 @@ def check_keygen_and_demo(tmp_path, missing):
     for config in (good_config(tmp_path), client_config(tmp_path)):
         check = run_without(tmp_path, missing, MPUDP, "-config=" + config, "--check")
         assert check.returncode == 0 and "config OK" in check.stdout, check.stdout
+    uci = write(tmp_path / "uci", "config mpudp 'x'\n option config '%s'\n" % good_config(tmp_path), 0o600)
+    converted = run_without(tmp_path, missing, UCI2JSON, "--uci", uci, "--bytecode", MPUDP, "convert", "x",
+                            str(tmp_path / "x.json"))
+    assert converted.returncode == 0 and converted.stdout.strip() == "mpudp", converted.stdout
     demo = run_without(tmp_path, missing, MPUDP, "--demo", "--demo-seconds", "1")
     assert demo.returncode == 0 and "demo done" in demo.stdout, demo.stdout[-2000:]
 
 
 def test_runs_with_python3_light_alone(tmp_path):
-    """What packaging/README.md tells OpenWrt users to install (python3-light) is enough."""
+    """What packaging/README.md tells OpenWrt users to install (python3-light) is enough,
+    for the daemon, keygen.py and the init script's uci2json.py."""
     check_keygen_and_demo(tmp_path, NOT_IN_LIGHT + CODECS)
+
+
+# -- what a newcomer reads and copies ------------------------------------------
+
+
+def test_top_level_config_is_safe_and_says_keys_must_be_generated():
+    with open(os.path.join(ROOT, "config.json")) as f:
+        config = json.load(f)
+    assert config["client"]["listen_addr"].startswith("127.0.0.1:")  # never open to the WAN by default
+    result = subprocess.run([sys.executable, MPUDP, "-config=%s" % os.path.join(ROOT, "config.json"), "--check"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                            timeout=TIMEOUT_S)
+    errors = [line for line in result.stdout.splitlines() if "config error" in line]
+    assert result.returncode == 2 and errors, result.stdout
+    assert all("keygen.py" in line for line in errors), errors
+
+
+@pytest.mark.parametrize("doc", ["README.md", os.path.join("packaging", "README.md")])
+def test_doc_links_stay_inside_the_repository(doc):
+    """A clone or a router has no ../shared: every relative link names a file of the repo."""
+    path = os.path.join(ROOT, doc)
+    with open(path) as f:
+        text = f.read()
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        resolved = os.path.normpath(os.path.join(os.path.dirname(path), target))
+        assert resolved.startswith(ROOT + os.sep) and os.path.exists(resolved), target
