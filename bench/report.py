@@ -11,13 +11,14 @@ def fmt(value, digits=0, thousands=True):
     return "%.*f" % (digits, value)
 
 
-def cell(s, digits=0):
-    """median [min-max] of a spread."""
+def cell(s, digits=0, unit=""):
+    """median [min-max] of a spread ([min..max] when one is negative); `unit` after the median."""
     if s is None or s.get("median") is None:
         return "-"
     if s.get("min") == s.get("max") or len([v for v in s["runs"] if v is not None]) < 2:
-        return fmt(s["median"], digits)
-    return "%s [%s-%s]" % (fmt(s["median"], digits), fmt(s["min"], digits), fmt(s["max"], digits))
+        return fmt(s["median"], digits) + unit
+    dash = ".." if s["min"] < 0 or s["max"] < 0 else "-"
+    return "%s%s [%s%s%s]" % (fmt(s["median"], digits), unit, fmt(s["min"], digits), dash, fmt(s["max"], digits))
 
 
 def render(result):
@@ -193,6 +194,7 @@ def mb(kb):
     return "-" if kb is None else "%.1f" % (kb / 1024.0)
 
 
+DISPLAY = {"relay": "mpudp", "go": "Go original"}
 COMPARISON_DIGITS = {"pkt/s": 0, "us": 1, "ms": 3, "MB": 1}
 
 
@@ -208,11 +210,16 @@ def render_comparison(comparison, reps, add):
         r = comparison["rows"][key]
         digits = COMPARISON_DIGITS.get(r["unit"], 1)
         value = lambda s: "-" if s is None or s.get("median") is None else fmt(s["median"], digits)
-        times = lambda s: "-" if s is None or s.get("median") is None else cell(s, 2) + "x"
+        times = lambda s: "-" if s is None or s.get("median") is None else cell(s, 2, "x")
         go, go_ratio = (value(r["go"]), times(r["mpudp_over_go"])) if measured else ("not measured", "not measured")
         row(r["label"], value(r.get("direct")), value(r.get("floor")), go,
             value(r.get("relay")), go_ratio, times(r.get("mpudp_over_floor")),
             cell(r["mpudp_minus_floor"], digits) if r.get("mpudp_minus_floor") else "")
+        stalls = {path: sum(n or 0 for n in runs) for path, runs in (r.get("timeouts") or {}).items()}
+        if any(stalls.values()):
+            lost = {path: sum(n or 0 for n in runs) for path, runs in r["lost"].items()}
+            add("  (lost datagrams / 100 ms waits that freed the window, all repetitions: %s)" % ", ".join(
+                "%s %d/%d" % (DISPLAY.get(path, path), lost.get(path, 0), n) for path, n in stalls.items() if n))
     add("  floor: two bare CPython forwarders (selectors, no protocol) in the client's and server's places; "
         "Go original: %s" % ("its client and server, built from its source" if measured
                              else "not measured (bench.py --go DIR)"))

@@ -242,6 +242,11 @@ def summarize_comparison(runs, idle_rss_kb, go_measured):
         else:
             row["over_direct"] = {path: spread([ratio(v, d["pps"]) for v, d in zip(values, direct)])
                                   for path, values in per_path.items()}
+            # Datagrams lost, and 100 ms silences that freed the window: a path that drops at
+            # saturation loses pkt/s to the generator's waits too.
+            for what in ("lost", "timeouts"):
+                row[what] = {path: [r.get(what) for r in runs[(kind, size, path)]]
+                             for path in ("direct",) + tuple(per_path)}
         rows[key] = row
     for who in ("client", "server"):
         mb = {path: idle_mb(idle_rss_kb, path, who) for path in RELAYS if path in idle_rss_kb}
