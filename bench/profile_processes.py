@@ -30,6 +30,7 @@ import harness
 from params import FULL, HOST
 
 TOP = 15
+LINE_LOCATION = re.compile(r" \((?:[^()]*/)?([^/()]+)\)$")  # "f (/a/b/mpudp.py:12)" -> "f (mpudp.py:12)"
 FRAME_LOCATION = re.compile(r" \((?:[^()]*/)?([^/():]+)(?::\d+)?\)$")  # "f (/a/b/mpudp.py:12)" -> "f (mpudp.py)"
 
 
@@ -49,13 +50,14 @@ def sampler(tool, pid, seconds, out):
     if tool == "py-spy":
         return ["py-spy", "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "1000",
                 "--format", "raw", "--nonblocking", "--output", out]
-    return ["perf", "record", "-F", "2000", "-g", "-p", str(pid), "-o", out, "--", "sleep", str(seconds)]
+    return ["perf", "record", "-F", "1000", "-p", str(pid), "-o", out, "--", "sleep", str(seconds)]
 
 
 def collapsed_top(path):
-    """(samples, own, inclusive) from py-spy's raw output: one "frame;frame;... count" a line;
-    own counts the innermost frame, inclusive each distinct frame of a stack once."""
-    own, inclusive = collections.Counter(), collections.Counter()
+    """(samples, own, inclusive, lines) from py-spy's raw output: one "frame;frame;... count" a
+    line; own counts the innermost frame, inclusive each distinct frame of a stack once, lines
+    the innermost frame's line (a C call such as sendto is charged to the line calling it)."""
+    own, inclusive, lines = collections.Counter(), collections.Counter(), collections.Counter()
     total = 0
     with open(path) as f:
         for line in f:
@@ -63,22 +65,23 @@ def collapsed_top(path):
             if not stack:
                 continue
             n = int(count)
-            frames = [FRAME_LOCATION.sub(r" (\1)", frame) for frame in stack.split(";")
-                      if not frame.startswith(("process ", "thread "))]
+            located = [frame for frame in stack.split(";") if not frame.startswith(("process ", "thread "))]
+            frames = [FRAME_LOCATION.sub(r" (\1)", frame) for frame in located]
             total += n
             if frames:
                 own[frames[-1]] += n
+                lines[LINE_LOCATION.sub(r" (\1)", located[-1])] += n
             for frame in set(frames):
                 inclusive[frame] += n
-    return total, own, inclusive
+    return total, own, inclusive, lines
 
 
 def perf_split(path):
     """perf report's share of samples by shared object (kernel, libpython, libc, ...)."""
-    out = subprocess.run(["perf", "report", "-i", path, "--no-children", "--sort", "dso", "--stdio"],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True).stdout
-    symbols = subprocess.run(["perf", "report", "-i", path, "--no-children", "--sort", "dso,sym", "--stdio"],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True).stdout
+    report = lambda sort: subprocess.run(["perf", "report", "-i", path, "-g", "none", "--sort", sort, "--stdio"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         universal_newlines=True).stdout
+    out, symbols = report("dso"), report("dso,sym")
     keep = lambda text, n: [line for line in text.splitlines() if line.strip() and not line.startswith("#")
                             and "%" in line.split()[0]][:n]
     return keep(out, 8), keep(symbols, 25)
@@ -88,16 +91,18 @@ def report(tool, who, out, us_per_pkt):
     print("\n== %s: %.1f us CPU per echoed packet ==" % (who, us_per_pkt))
     if tool == "perf":
         dsos, symbols = perf_split(out)
-        print("by shared object (share of samples):")
-        print("\n".join("  " + line.strip() for line in dsos))
+        print("by shared object (share of samples; us per echoed packet):")
+        for line in dsos:
+            share = float(line.split()[0].rstrip("%"))
+            print("  %6.1f us  %s" % (us_per_pkt * share / 100, line.strip()))
         print("top symbols:")
         print("\n".join("  " + line.strip() for line in symbols))
         return
-    total, own, inclusive = collapsed_top(out)
+    total, own, inclusive, lines = collapsed_top(out)
     if not total:
         print("  no samples")
         return
-    for title, counter in (("own time", own), ("inclusive time", inclusive)):
+    for title, counter in (("own time", own), ("inclusive time", inclusive), ("own time, by line", lines)):
         print("top functions by %s (%d samples; share, us per echoed packet):" % (title, total))
         for frame, n in counter.most_common(TOP):
             print("  %5.1f%%  %6.1f us  %s" % (100.0 * n / total, us_per_pkt * n / total, frame))
