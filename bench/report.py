@@ -216,10 +216,11 @@ def render_comparison(comparison, reps, add):
             value(r.get("relay")), go_ratio, times(r.get("mpudp_over_floor")),
             cell(r["mpudp_minus_floor"], digits) if r.get("mpudp_minus_floor") else "")
         stalls = {path: sum(n or 0 for n in runs) for path, runs in (r.get("timeouts") or {}).items()}
-        if any(stalls.values()):
-            lost = {path: sum(n or 0 for n in runs) for path, runs in r["lost"].items()}
+        lost = {path: sum(n or 0 for n in runs) for path, runs in (r.get("lost") or {}).items()}
+        if any(stalls.values()) or any(lost.values()):
             add("  (lost datagrams / 100 ms waits that freed the window, all repetitions: %s)" % ", ".join(
-                "%s %d/%d" % (DISPLAY.get(path, path), lost.get(path, 0), n) for path, n in stalls.items() if n))
+                "%s %d/%d" % (DISPLAY.get(path, path), lost[path], stalls.get(path, 0))
+                for path in lost if lost[path] or stalls.get(path)))
     add("  floor: two bare CPython forwarders (selectors, no protocol) in the client's and server's places; "
         "Go original: %s" % ("its client and server, built from its source" if measured
                              else "not measured (bench.py --go DIR)"))
