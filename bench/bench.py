@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """End-to-end benchmark of mpudp: separate processes on loopback, the direct path beside it.
 
-    python3 bench/bench.py                 # about 2 minutes; prints a table
+    python3 bench/bench.py                 # about 3 minutes; prints a table
     python3 bench/bench.py --json          # the same run, JSON on stdout
     python3 bench/bench.py --quick --json  # a smoke run of a few seconds (tests/test_bench_smoke.py)
     python3 bench/bench.py --save PATH     # also write the JSON to PATH
