@@ -2,12 +2,17 @@
 """Where the time per packet goes: a cProfile of the data path, in one process.
 
     python3 bench/profile_hot_path.py [--size 1200] [--packets 20000] [--profile]
+    python3 bench/profile_hot_path.py --rate 1000 --packets 10000 --profile   # paced, one at a time
 
 Runs a Server, a Client (one loopback link), an echo upstream and an
 application socket on one Reactor, keeps a window of 32 datagrams in flight
-and reports the process's CPU time per echoed packet (all four parties, so it
-is an upper bound for the relay's share); --profile prints the top functions
-by own time.  bench/bench.py measures the relay as separate processes.
+(or, with --rate, sends one datagram every 1/rate s, as bench.py's 1000 pps
+stream does) and reports the process's CPU time per echoed packet (all four
+parties, so it is an upper bound for the relay's share); --profile prints the
+top functions by own time, with calls and microseconds per echoed packet
+(cProfile's own overhead included: compare functions, not totals).
+bench/bench.py measures the relay as separate processes;
+bench/profile_processes.py samples those with py-spy or perf.
 """
 
 import argparse
@@ -81,18 +86,66 @@ def pump(reactor, client, payload, packets):
     return echoed
 
 
+def pace(reactor, client, payload, packets, rate):
+    """Send `packets` datagrams, one every 1/rate s, through the client; the reactor runs
+    between sends (the application socket is one of its readers).  Returns the echoes."""
+    app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    app.bind(("127.0.0.1", 0))
+    app.setblocking(False)
+    destination = client.listen_sock.getsockname()
+    echoed = [0]
+
+    def on_app():
+        while True:
+            try:
+                app.recv(65536)
+            except BlockingIOError:
+                return
+            echoed[0] += 1
+
+    reactor.add_reader(app, on_app)
+    interval = 1.0 / rate
+    next_send = time.monotonic()
+    deadline = next_send + packets * interval + 5
+    sent = 0
+    while time.monotonic() < deadline and echoed[0] < packets:
+        now = time.monotonic()
+        if sent < packets and now >= next_send:
+            app.sendto(payload, destination)
+            sent += 1
+            next_send += interval
+        reactor.run_once(max(0.0, min(next_send - time.monotonic(), 0.05)))
+    return echoed[0]
+
+
+def print_per_packet(profiler, echoed, top=25):
+    """cProfile's top functions by own time, as calls and us per echoed packet."""
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    print("calls/pkt  own us/pkt  cum us/pkt  function")
+    for (filename, line, name), (_cc, calls, own, cum, _callers) in rows:
+        print("%9.2f  %10.2f  %10.2f  %s (%s:%d)" % (calls / echoed, own / echoed * 1e6, cum / echoed * 1e6, name,
+                                                    os.path.basename(filename), line))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1200)
     parser.add_argument("--packets", type=int, default=20000)
+    parser.add_argument("--rate", type=float, help="paced: datagrams per second, one at a time")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
     reactor, client = build()
-    profiler = cProfile.Profile() if args.profile else None
+    # CPU time, not wall time: at a fixed rate the process mostly sleeps in epoll, and a
+    # wall-clock profile would charge that sleep to poll().
+    profiler = cProfile.Profile(time.process_time) if args.profile else None
     wall, cpu = time.perf_counter(), time.process_time()
     if profiler:
         profiler.enable()
-    echoed = pump(reactor, client, b"x" * args.size, args.packets)
+    if args.rate:
+        echoed = pace(reactor, client, b"x" * args.size, args.packets, args.rate)
+    else:
+        echoed = pump(reactor, client, b"x" * args.size, args.packets)
     if profiler:
         profiler.disable()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -100,7 +153,7 @@ def main(argv=None):
           "(client+server+echo+app, Python %s)" % (args.size, echoed, wall, echoed / wall,
                                                   cpu / max(echoed, 1) * 1e6, sys.version.split()[0]))
     if profiler:
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+        print_per_packet(profiler, max(echoed, 1))
     return 0
 
 
