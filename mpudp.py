@@ -93,6 +93,12 @@ OVERHEAD = HEADER_SIZE + MAC_SIZE  # 32 bytes per packet, as WireGuard's
 MAX_UDP_PAYLOAD = 65507  # the largest IPv4 UDP datagram
 MAX_DATA_PAYLOAD = MAX_UDP_PAYLOAD - OVERHEAD
 RECV_BUFFER_SIZE = 65536 + OVERHEAD  # larger than any datagram: never truncates
+# The largest application datagram that crosses a 1500-byte path unfragmented
+# once mpudp's 32 bytes and the IP and UDP headers are added: 1440 over IPv4,
+# 1420 over IPv6 (WireGuard inside: MTU 1408 or 1388).
+COMMON_PATH_MTU = 1500
+FITS_1500_IPV4 = COMMON_PATH_MTU - 20 - 8 - OVERHEAD
+FITS_1500_IPV6 = COMMON_PATH_MTU - 40 - 8 - OVERHEAD
 
 TYPE_DATA = 1
 TYPE_HEARTBEAT = 2
@@ -138,6 +144,7 @@ THROUGHPUT_WINDOW_S = 3.0
 HELLO_TRIES_PER_NONCE = 4  # HELLO is repeated every heartbeat interval until a WELCOME
 HELLO_TRIES_BEFORE_WARNING = 10
 HELLO_FIRST_RETRY_S = 0.05  # doubling up to the heartbeat interval
+NEVER_ANSWERED_HEARTBEATS = 10  # a link silent since start says so once, after this many
 AUTO_REDUNDANCY_HEARTBEATS = 10  # "auto" duplicates while the active link missed one of its last 10
 DNS_RETRY_FLOOR_S = 1.0
 DNS_RETRY_CEILING_S = 60.0
@@ -962,36 +969,44 @@ class Reactor:
 
     def call_guarded(self, callback: Callable, args: tuple) -> None:
         """Run one callback, then what it asked to run soon; an exception is logged, not raised."""
-        self._guarded(callback, args)
-        soon = self._soon
-        while soon:
-            self._guarded(*soon.popleft())
-
-    def _guarded(self, callback: Callable, args: tuple) -> None:
         try:
             callback(*args)
         except Exception as exc:  # one bad callback must not stop the relay
-            self.errors.add("callback")
-            name = getattr(callback, "__qualname__", repr(callback))
-            self.log.every("callback:" + name, ERROR_LOG_INTERVAL_S, "error",
-                           "internal error in %s: %s: %s" % (name, type(exc).__name__, exc))
-            if self.log.debug_enabled:
-                import traceback
+            self._callback_failed(callback, exc)
+        soon = self._soon
+        while soon:
+            callback, args = soon.popleft()
+            try:
+                callback(*args)
+            except Exception as exc:
+                self._callback_failed(callback, exc)
 
-                self.log.debug(traceback.format_exc().rstrip())
+    def _callback_failed(self, callback: Callable, exc: Exception) -> None:
+        """Counted and logged at a bounded rate (with the traceback in debug mode)."""
+        self.errors.add("callback")
+        name = getattr(callback, "__qualname__", repr(callback))
+        self.log.every("callback:" + name, ERROR_LOG_INTERVAL_S, "error",
+                       "internal error in %s: %s: %s" % (name, type(exc).__name__, exc))
+        if self.log.debug_enabled:
+            import traceback
+
+            self.log.debug(traceback.format_exc().rstrip())
 
     def run_once(self, timeout: Optional[float] = None) -> None:
         """Wait at most `timeout` (None: until the next timer) for sockets, then run what is due."""
         heap = self._heap
         if heap:
-            until_timer = max(0.0, heap[0][0] - self.time())
-            timeout = until_timer if timeout is None else min(timeout, until_timer)
-        removed = self._removed
-        del removed[:]
-        for key, _mask in self.selector.select(timeout):
-            if removed and any(key is r for r in removed):
-                continue
-            self.call_guarded(key.data, ())
+            until_timer = heap[0][0] - self.time()
+            if timeout is None or until_timer < timeout:
+                timeout = until_timer if until_timer > 0.0 else 0.0
+        ready = self.selector.select(timeout)
+        if ready:
+            removed = self._removed
+            del removed[:]
+            for key, _mask in ready:
+                if removed and any(key is r for r in removed):
+                    continue
+                self.call_guarded(key.data, ())
         now = self.time()
         heap = self._heap  # a callback's cancel may have compacted it into a new list
         due = []
@@ -1321,7 +1336,7 @@ class SendBatch:
     """
 
     __slots__ = ("buf", "view", "end", "count", "seg", "eager", "enabled", "max_seg", "sock", "addrs",
-                 "on_error", "failed", "counters", "full_counter", "sent_bytes", "gso_sends")
+                 "on_error", "failed", "counters", "full_counter", "sent_bytes", "sent_packets", "gso_sends")
 
     def __init__(self, counters: Counters, full_counter: str = "tx_full") -> None:
         self.buf = bytearray(GSO_MAX_BYTES + RECV_BUFFER_SIZE)
@@ -1333,16 +1348,18 @@ class SendBatch:
         self.counters = counters
         self.full_counter = full_counter  # counts packets dropped because the socket's buffer was full
         self.sock = None  # type: Optional[socket.socket]
-        self.addrs = ()  # type: Sequence[tuple]
+        self.addrs = ()  # type: Sequence[Optional[tuple]]
         # Where a send error is reported.  The data paths pass callbacks that only
         # count it or queue it for control (Reactor.call_soon): never control itself.
         self.on_error = None  # type: Optional[Callable[[OSError], None]]
         self.failed = False  # a send failed since `aim`: the drain stops, and leaves the rest unread
         self.sent_bytes = 0
+        self.sent_packets = 0
         self.gso_sends = 0  # batches that left in one call (for tests and the benchmark)
 
-    def aim(self, sock: socket.socket, addrs: Sequence[tuple], on_error: Callable[[OSError], None]) -> None:
-        """Where the next packets go (each to every address); sends what was pending first."""
+    def aim(self, sock: socket.socket, addrs: Sequence[Optional[tuple]], on_error: Callable[[OSError], None]) -> None:
+        """Where the next packets go (each to every address; None: the connected socket's
+        peer); sends what was pending first."""
         if self.count:
             self.flush()
         self.sock, self.addrs, self.on_error = sock, addrs, on_error
@@ -1367,6 +1384,10 @@ class SendBatch:
 
     def push(self, length: int) -> None:
         """The packet of `length` bytes sealed at `end` joins the batch."""
+        if self.eager:  # the drain's first packet (at 0: `aim` emptied the batch) goes now
+            self.eager = False
+            self._send_one(self.view[:length])
+            return
         end, seg = self.end, self.seg
         if self.count and (length > seg or self.count == GSO_MAX_SEGMENTS or end + length > GSO_MAX_BYTES):
             self.flush()  # it cannot join: the batch goes, and it starts the next one
@@ -1376,9 +1397,9 @@ class SendBatch:
             self.seg = seg = length
         self.count += 1
         self.end = end = end + length
-        if (self.eager or length < seg or not self.enabled or seg > self.max_seg
+        if (length < seg or not self.enabled or seg > self.max_seg
                 or end + seg > GSO_MAX_BYTES or self.count == GSO_MAX_SEGMENTS):
-            # The first goes at once, a shorter packet ends a batch, a full one goes, or it goes alone anyway.
+            # A shorter packet ends a batch, a full one goes, or it goes alone anyway.
             # So `end` stays within GSO_MAX_BYTES and room() always holds a whole datagram.
             self.flush()
 
@@ -1399,6 +1420,7 @@ class SendBatch:
                 self.sock.sendmsg([packets], segment_size, 0, addr)
                 self.gso_sends += 1
                 self.sent_bytes += end
+                self.sent_packets += count
             except BlockingIOError:
                 self.counters.add(self.full_counter, count)
             except OSError as exc:
@@ -1408,11 +1430,15 @@ class SendBatch:
                     self._failed(exc)
 
     def _send_one(self, packet: memoryview) -> None:
-        """One packet to every address, with a plain sendto."""
+        """One packet to every address, with a plain sendto (send: the connected peer)."""
         for addr in self.addrs:
             try:
-                self.sock.sendto(packet, addr)
+                if addr is None:
+                    self.sock.send(packet)
+                else:
+                    self.sock.sendto(packet, addr)
                 self.sent_bytes += len(packet)
+                self.sent_packets += 1
             except BlockingIOError:
                 self.counters.add(self.full_counter)
             except OSError as exc:
@@ -1429,9 +1455,14 @@ class SendBatch:
             self.enabled = False
         self.max_seg = min(self.max_seg, self.seg - 1)
         for start in range(0, len(packets), self.seg):
+            packet = packets[start:start + self.seg]
             try:
-                self.sock.sendto(packets[start:start + self.seg], addr)
-                self.sent_bytes += len(packets[start:start + self.seg])
+                if addr is None:
+                    self.sock.send(packet)
+                else:
+                    self.sock.sendto(packet, addr)
+                self.sent_bytes += len(packet)
+                self.sent_packets += 1
             except BlockingIOError:
                 self.counters.add(self.full_counter)
             except OSError as exc:
@@ -1440,6 +1471,7 @@ class SendBatch:
 
 
 SEGMENT_SIZE = struct.Struct("=H")  # UDP_SEGMENT's value: a host-order u16
+CONNECTED_PEER = (None,)  # SendBatch.aim's addresses for a connected socket: send(), no address to parse
 
 # GRO_NOTE: receive offload (Linux >= 5.0) is the other half.  A socket with
 # UDP_GRO set may be handed several datagrams of one flow at once, one after
@@ -1472,6 +1504,37 @@ def gro_segment_size(ancdata: list, total: int) -> int:
     return total
 
 
+def family_of(sockaddr: tuple) -> int:
+    """AF_INET for an IPv4 address (also IPv4-mapped), else AF_INET6."""
+    host = sockaddr[0]
+    return socket.AF_INET if "." in host else socket.AF_INET6
+
+
+def max_datagram_on(families: Sequence[Optional[int]]) -> int:
+    """The largest application datagram that crosses a 1500-byte path on each of these families."""
+    return min(FITS_1500_IPV4 if family == socket.AF_INET else FITS_1500_IPV6 for family in families)
+
+
+class FragmentWarning:
+    """Says once that datagrams are too large for a common 1500-byte path after mpudp's
+    overhead (they are fragmented, and LTE or CGNAT paths often drop fragments), and
+    counts each one."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def note(self, n: int, limit: int, counters: Counters, log: Log, source: str) -> None:
+        if n <= limit:
+            return
+        counters.add("over_1500_path")
+        if not self.warned:
+            self.warned = True
+            log.warn("%s sent a %d-byte datagram: over a 1500-byte path only %d fit after mpudp's %d bytes, so "
+                     "it is fragmented (and lost where fragments are); lower the application's MTU (WireGuard: "
+                     "MTU %d, or %d if every link is IPv4)" % (source, n, limit, OVERHEAD, FITS_1500_IPV6 - 32,
+                                                              FITS_1500_IPV4 - 32))
+
+
 def receive_datagrams(sock: socket.socket, bufs: List[memoryview], view: memoryview, gro: bool):
     """Yield (offset, length, source address) of each datagram waiting on `sock`, received
     into `view` (== bufs[0]); a coalesced receive (GRO_NOTE) yields each of its datagrams.
@@ -1491,6 +1554,15 @@ def receive_datagrams(sock: socket.socket, bufs: List[memoryview], view: memoryv
         else:
             for off in range(0, total, seg):
                 yield off, min(seg, total - off), addr
+
+
+def open_listen_socket(host: str, port: int) -> socket.socket:
+    """The socket a client or server listens on; an OSError that names the address."""
+    family, sockaddr = listen_address(host, port)
+    try:
+        return open_udp_socket(family, sockaddr)
+    except OSError as exc:
+        raise OSError(exc.errno, "%s: %s" % (format_address(sockaddr), exc.strerror or exc)) from None
 
 
 def listen_address(host: str, port: int) -> Tuple[int, tuple]:
@@ -1620,8 +1692,8 @@ class ClientLink:
         self.waiting = ""  # why the link has no socket yet ("" if it has one, or no address yet)
         self.gro = False  # its socket takes coalesced receives (GRO_NOTE)
         self.on_send_error = None  # type: Optional[Callable[[OSError], None]]  # what the data path reports to
-        self.tx_bytes = 0
-        self.rx_bytes = 0
+        self.tx_bytes = self.tx_packets = 0  # what went out and came in on this link, data and control
+        self.rx_bytes = self.rx_packets = 0
         self.switches = 0  # times this link became the active one
 
     @property
@@ -1659,6 +1731,7 @@ class ClientLink:
             return exc
         else:
             self.tx_bytes += len(packet)
+            self.tx_packets += 1
         return None
 
 
@@ -1729,11 +1802,10 @@ class ClientDataPath:
         self._batch = SendBatch(self.counters)  # packets for one link, sealed in place
         self._app_batch = SendBatch(self.counters, "local_full")  # payloads for one local application
         self._app_batch_session = None  # type: Optional[ClientSession]
+        self.fragmented = FragmentWarning()
 
     def open(self) -> None:
-        cfg = self.config
-        family, sockaddr = listen_address(cfg.listen_host, cfg.listen_port)
-        self.listen_sock = open_udp_socket(family, sockaddr)
+        self.listen_sock = open_listen_socket(self.config.listen_host, self.config.listen_port)
         self.reactor.add_reader(self.listen_sock, self.on_local_readable)
 
     def close(self) -> None:
@@ -1760,13 +1832,13 @@ class ClientDataPath:
     def _send_on_one_link(self, link: ClientLink, epoch: Epoch) -> None:
         """Each packet is sealed in place in the batch, and they leave together (SendBatch)."""
         # Locals instead of attribute look-ups: this loop runs once per datagram.
-        sock, session_for = self.listen_sock, self._session_for
+        sock, sessions, session_for = self.listen_sock, self.sessions_by_addr, self._session_for
         pack_header, flags = HEADER.pack_into, self.route.data_flags
         client_id, link_index = self.config.client_id, link.index
         batch = self._batch
         buf, view = batch.buf, batch.view
         batch.aim(link.sock, (link.endpoint.addr,), link.on_send_error)
-        sent_before = batch.sent_bytes
+        bytes_before, packets_before = batch.sent_bytes, batch.sent_packets
         # After a send error the rest stays unread: control hears of it once this drain
         # is over, and may move the route (a link without a route any more).
         while not batch.failed:
@@ -1777,9 +1849,13 @@ class ClientDataPath:
             except OSError as exc:
                 self._socket_error(exc)
                 break
-            session = session_for(addr, n)
-            if session is None:
-                continue
+            session = sessions.get(addr)
+            if session is None or n > FITS_1500_IPV6:
+                session = session_for(addr, n)  # a new application, or a large datagram
+                if session is None:
+                    continue
+            else:
+                session.packets += 1
             epoch.tx_seq += 1
             start = batch.end
             end = start + HEADER_SIZE + n
@@ -1789,7 +1865,8 @@ class ClientDataPath:
             buf[end:end + MAC_SIZE] = m.digest()
             batch.push(n + OVERHEAD)
         batch.flush()
-        link.tx_bytes += batch.sent_bytes - sent_before
+        link.tx_bytes += batch.sent_bytes - bytes_before
+        link.tx_packets += batch.sent_packets - packets_before
 
     def _send_copies(self, carriers: Tuple[ClientLink, ...], epoch: Epoch) -> None:
         """Redundancy: one sequence number for all copies, so the server takes the first to
@@ -1821,6 +1898,7 @@ class ClientDataPath:
                     link.on_send_error(exc)
                 else:
                     link.tx_bytes += length
+                    link.tx_packets += 1
 
     def _drain_without_route(self) -> None:
         """No epoch or no link to send on (yet, or any more): read and count, so the socket
@@ -1839,9 +1917,12 @@ class ClientDataPath:
 
     def _session_for(self, addr: tuple, n: int) -> Optional[ClientSession]:
         """The session of a datagram of `n` bytes from `addr` (opened if new), or None if it is dropped."""
-        if n > MAX_DATA_PAYLOAD:
-            self.counters.add("oversize")
-            return None
+        if n > FITS_1500_IPV6:
+            if n > MAX_DATA_PAYLOAD:
+                self.counters.add("oversize")
+                return None
+            families = [link.endpoint.family for link in self.route.carriers] or [socket.AF_INET6]
+            self.fragmented.note(n, max_datagram_on(families), self.counters, self.log, "an application")
         session = self.sessions_by_addr.get(addr)
         if session is None:
             session = self._open_session(addr)
@@ -1913,6 +1994,7 @@ class ClientDataPath:
                         counters.add(drop)
                         continue
                     link.rx_bytes += n
+                    link.rx_packets += 1
                     if kind == TYPE_DATA:
                         self._deliver(session_id, view[off + HEADER_SIZE:off + n - MAC_SIZE])
                     elif kind == TYPE_ECHO and n == OVERHEAD + ECHO_PAYLOAD.size:
@@ -1962,6 +2044,7 @@ class ClientHandshake:
         self.on_epoch = on_epoch
         self.retry_ceiling_s = 1.0  # the heartbeat interval, set by the Client
         self.nonce = None  # type: Optional[bytes]  # None: no handshake under way
+        self.done_nonce = None  # type: Optional[bytes]  # the nonce of the running epoch's handshake
         self.avoid_tag = -1  # the running epoch's tag: a new epoch must differ
         self._cookies = {}  # type: Dict[ClientLink, bytes]  # the server's cookie for `nonce`, per path
         self._tries = 0
@@ -2020,13 +2103,15 @@ class ClientHandshake:
 
     def on_packet(self, link: ClientLink, packet: bytes) -> None:
         """A WELCOME or COOKIE from the server (the data path checked its client id only)."""
-        if self.nonce is None or len(packet) != OVERHEAD + WELCOME_PAYLOAD.size:
+        if len(packet) != OVERHEAD + WELCOME_PAYLOAD.size:
             self.counters.add("stale_welcome")
             return
         if not verify(self.static.welcome_mac, packet, len(packet)):
             self.counters.add("auth")
             return
         client_nonce, value = WELCOME_PAYLOAD.unpack_from(packet, HEADER_SIZE)
+        if client_nonce == self.done_nonce:
+            return  # the other links' answers to the HELLO that made the epoch: expected, not a drop
         if client_nonce != self.nonce:
             self.counters.add("stale_welcome")
         elif packet[0] & TYPE_MASK == TYPE_COOKIE:
@@ -2044,7 +2129,7 @@ class ClientHandshake:
 
     def _on_welcome(self, client_nonce: bytes, server_nonce: bytes) -> None:
         epoch = Epoch(self.static.secret, client_nonce, server_nonce, is_client=True)
-        self.nonce = None
+        self.nonce, self.done_nonce = None, client_nonce
         self.close()
         self.log.info("handshake done: epoch %04x" % epoch.tag)
         self.on_epoch(epoch)
@@ -2059,13 +2144,15 @@ class LinkMonitor:
     """
 
     def __init__(self, reactor: Reactor, counters: Counters, client_id: int, data: ClientDataPath,
-                 on_up: Callable[[ClientLink], None], on_down: Callable[[ClientLink], None]) -> None:
+                 on_up: Callable[[ClientLink], None], on_down: Callable[[ClientLink], None],
+                 on_never_answered: Callable[[ClientLink], None] = lambda link: None) -> None:
         self.reactor = reactor
         self.counters = counters
         self.client_id = client_id
         self.data = data  # read only: the epoch to seal with, the route for the ACTIVE flag
         self.on_up = on_up
         self.on_down = on_down
+        self.on_never_answered = on_never_answered
         self.interval_s = 1.0  # heartbeat_interval_sec, set by the Client
         self._beats = {}  # type: Dict[ClientLink, _LinkBeats]
         self._ctl = bytearray(OVERHEAD + HEARTBEAT_PAYLOAD.size)
@@ -2132,6 +2219,8 @@ class LinkMonitor:
             self.beat_now(link)  # first miss: probe at once, then fast
         if went_down:
             self.on_down(link)
+        elif health.last_answer_at is None and health.consecutive_fail == NEVER_ANSWERED_HEARTBEATS:
+            self.on_never_answered(link)
 
     def on_echo(self, link: ClientLink, seq: int, bitmap: int) -> None:
         beats = self._beats.get(link)
@@ -2251,7 +2340,7 @@ class Client(ClientControl):
         self.handshake = ClientHandshake(reactor, log, self.counters, self.static, config.client_id,
                                          lambda: self.links, self._on_new_epoch)
         self.monitor = LinkMonitor(reactor, self.counters, config.client_id, self.data,
-                                   self._on_link_up, self._on_link_down)
+                                   self._on_link_up, self._on_link_down, self._on_link_never_answered)
         self.steering = Steering(config, log)
         self._apply_intervals(config)
         self._evaluation = None  # type: Optional[Periodic]
@@ -2259,6 +2348,8 @@ class Client(ClientControl):
         self._drop_summary = None  # type: Optional[Periodic]
         self._last_drop_report = None  # type: Optional[Dict[str, int]]
         self._last_score_file_at = None  # type: Optional[float]
+        self.started_at = reactor.time()
+        self.epoch_at = None  # type: Optional[float]  # when the running epoch was agreed
 
     # -- what the data path reads, for tests and status ------------------------
 
@@ -2341,12 +2432,17 @@ class Client(ClientControl):
 
     def _on_new_epoch(self, epoch: Epoch) -> None:
         self.data.epoch = epoch
+        self.epoch_at = self.reactor.time()
         for link in self.links:  # the first packet under the new keys makes the server switch
             self.monitor.beat_now(link)
 
     def _on_link_up(self, link: ClientLink) -> None:
         self.log.info("%s up, rtt %.1f ms" % (link.name, (link.health.srtt or 0) * 1000))
         self._steer()
+
+    def _on_link_never_answered(self, link: ClientLink) -> None:
+        self.log.warn("%s: none of its %d heartbeats was ever answered; is %s the server's address (or its "
+                      "frp server's) as seen from here?" % (link.name, NEVER_ANSWERED_HEARTBEATS, link.endpoint.text))
 
     def _on_link_down(self, link: ClientLink) -> None:
         self.log.info("%s down after %d missed heartbeats" % (link.name, link.health.consecutive_fail))
@@ -2511,6 +2607,7 @@ class Client(ClientControl):
     def status(self) -> Dict[str, Any]:
         """The state a person or a script wants to see (no keys in it)."""
         cfg = self.config
+        now = self.reactor.time()
         carriers = self.data.route.carriers
         links = []
         for link, cand in zip(self.links, self.steering.candidates(self.links)):
@@ -2533,12 +2630,14 @@ class Client(ClientControl):
                 "active": link is self.active,
                 "carrier": link in carriers,
                 "switches": link.switches,
+                "last_answer_age_s": None if health.last_answer_at is None else round(now - health.last_answer_at, 1),
+                "tx_packets": link.tx_packets, "tx_bytes": link.tx_bytes,
+                "rx_packets": link.rx_packets, "rx_bytes": link.rx_bytes,
             })
             if link.spec.bound:
                 links[-1]["via"] = describe_link_binding(link.spec)
             if link.waiting:
                 links[-1]["waiting"] = link.waiting
-        now = self.reactor.time()
         last_switch_at = self.steering.last_switch_at
         return {
             "mode": "client",
@@ -2546,8 +2645,11 @@ class Client(ClientControl):
             "client_id": cfg.client_id,
             "last_switch_ago_s": None if last_switch_at is None else round(now - last_switch_at, 1),
             "epoch": "%04x" % self.epoch.tag if self.epoch else None,
+            "uptime_s": round(now - self.started_at, 1),
+            "handshake_age_s": None if self.epoch_at is None else round(now - self.epoch_at, 1),
             "sessions": len(self.data.sessions_by_id),
             "copies": len(carriers),
+            "carriers": [link.index for link in carriers],
             "links": links,
             "counters": dict(self.counters),
         }
@@ -2607,16 +2709,49 @@ class Client(ClientControl):
         return kept, [link for same_way in running.values() for link in same_way]
 
     def _maybe_write_score_file(self, now: float) -> None:
-        path = self.config.score_file
-        if not path:
+        cfg = self.config
+        if not (cfg.score_file or cfg.metrics_file):
             return
         if self._last_score_file_at is not None and now - self._last_score_file_at < SCORE_FILE_MIN_INTERVAL_S:
             return
         self._last_score_file_at = now
-        try:
-            write_json_atomically(path, dict(self.status(), time=time.time()))
-        except OSError as exc:
-            self.log.every("score-file", ERROR_LOG_INTERVAL_S, "warn", "cannot write score_file %s: %s" % (path, exc))
+        write_status_files(self.log, cfg.score_file, self.status, cfg.metrics_file, self.metrics)
+
+    def metrics(self) -> "List[Metric]":
+        """The status as Prometheus metrics (prometheus_text)."""
+        now = self.reactor.time()
+        carriers = self.data.route.carriers
+        per_link = []  # type: List[Tuple[str, str, str, Callable[[ClientLink], float]]]
+        per_link += [
+            ("mpudp_link_up", "gauge", "1 if the link answers heartbeats and has a socket.",
+             lambda l: l.health.up and l.sock is not None),
+            ("mpudp_link_active", "gauge", "1 for the link chosen to carry the traffic.", lambda l: l is self.active),
+            ("mpudp_link_carrier", "gauge", "1 for each link data goes out on now (redundancy: several).",
+             lambda l: l in carriers),
+            ("mpudp_link_rtt_seconds", "gauge", "Smoothed heartbeat round-trip time (NaN before the first).",
+             lambda l: l.health.srtt if l.health.srtt is not None else float("nan")),
+            ("mpudp_link_loss_ratio", "gauge", "Share of recent heartbeats not answered.", lambda l: l.health.loss()),
+            ("mpudp_link_last_answer_age_seconds", "gauge", "Seconds since the link last answered (+Inf: never).",
+             lambda l: now - l.health.last_answer_at if l.health.last_answer_at is not None else float("inf")),
+            ("mpudp_link_sent_packets_total", "counter", "Packets sent on the link (data and heartbeats).",
+             lambda l: l.tx_packets),
+            ("mpudp_link_sent_bytes_total", "counter", "Bytes sent on the link.", lambda l: l.tx_bytes),
+            ("mpudp_link_received_packets_total", "counter", "Authenticated packets received on the link.",
+             lambda l: l.rx_packets),
+            ("mpudp_link_received_bytes_total", "counter", "Authenticated bytes received on the link.",
+             lambda l: l.rx_bytes),
+            ("mpudp_link_switches_total", "counter", "Times the link became the active one.", lambda l: l.switches),
+        ]
+        metrics = [
+            ("mpudp_uptime_seconds", "gauge", "Seconds since the client started.", [({}, now - self.started_at)]),
+            ("mpudp_handshake_age_seconds", "gauge", "Seconds since the running epoch was agreed (+Inf: none).",
+             [({}, now - self.epoch_at if self.epoch_at is not None else float("inf"))]),
+            ("mpudp_sessions", "gauge", "Local applications with a session.", [({}, len(self.sessions_by_id))]),
+        ]  # type: List[Metric]
+        for name, kind, help_text, read in per_link:
+            metrics.append((name, kind, help_text, [({"link": l.index, "remote": l.endpoint.text}, float(read(l)))
+                                                    for l in self.links]))
+        return metrics + [drop_metrics(self.counters)]
 
 
 def _round_or_none(value: Optional[float]) -> Optional[float]:
@@ -2686,6 +2821,11 @@ def format_table(rows: Sequence[Sequence[str]]) -> List[str]:
 
 
 def write_json_atomically(path: str, data: Any) -> None:
+    """The status as JSON, atomically (write_file_atomically)."""
+    write_file_atomically(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def write_file_atomically(path: str, text: str) -> None:
     """Write then rename, so a reader never sees half a file.  The temporary file is made
     new (O_EXCL) and never through a symbolic link: in a directory others can write to,
     a planted link must not make us overwrite its target."""
@@ -2698,8 +2838,7 @@ def write_json_atomically(path: str, data: Any) -> None:
         fd = os.open(tmp, flags, 0o644)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -2707,6 +2846,56 @@ def write_json_atomically(path: str, data: Any) -> None:
         except OSError:
             pass
         raise
+
+
+# Metrics in the Prometheus text exposition format, for node_exporter's textfile
+# collector: names start with mpudp_, links and clients are labels, counters
+# (_total) only ever grow within a process's life.  A metric is
+# (name, type, help, [(labels, value)]).
+Metric = Tuple[str, str, str, List[Tuple[Dict[str, Any], float]]]
+
+
+def prometheus_text(metrics: Sequence[Metric]) -> str:
+    lines = []
+    for name, kind, help_text, samples in metrics:
+        lines.append("# HELP %s %s" % (name, help_text))
+        lines.append("# TYPE %s %s" % (name, kind))
+        for labels, value in samples:
+            label_text = ",".join('%s="%s"' % (k, _label_value(v)) for k, v in sorted(labels.items()))
+            lines.append("%s%s %s" % (name, "{%s}" % label_text if label_text else "", _sample_value(value)))
+    return "\n".join(lines) + "\n"
+
+
+def _label_value(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _sample_value(value: float) -> str:
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(int(value)) if float(value).is_integer() and abs(value) < 1 << 53 else repr(float(value))
+
+
+def drop_metrics(counters: Counters) -> Metric:
+    return ("mpudp_drops_total", "counter", "Packets dropped and errors, by reason (the drop summary's names).",
+            [({"reason": reason}, count) for reason, count in sorted(counters.items())])
+
+
+def write_status_files(log: Log, status_path: str, status: Callable[[], Dict[str, Any]], metrics_path: str,
+                       metrics: Callable[[], Sequence[Metric]]) -> None:
+    """The status JSON and the metrics file, each if configured; a failure is logged at a bounded rate."""
+    for key, path, render in (("status", status_path, lambda: json.dumps(dict(status(), time=time.time()),
+                                                                          indent=1, sort_keys=True) + "\n"),
+                              ("metrics", metrics_path, lambda: prometheus_text(metrics()))):
+        if not path:
+            continue
+        try:
+            write_file_atomically(path, render())
+        except OSError as exc:
+            log.every("file:" + key, ERROR_LOG_INTERVAL_S, "warn", "cannot write %s %s: %s" % (
+                key, path, exc.strerror or exc))
 
 
 def log_counter_summary(log: Log, who: str, counters: Counters, last: Optional[Dict[str, int]]) -> Dict[str, int]:
@@ -2822,14 +3011,12 @@ class ReturnPath:
 class ServerSession:
     """One (client, session id): the upstream socket that stands for one local application."""
 
-    __slots__ = ("id", "peer", "sock", "upstream_addrs", "packets", "seen_packets", "last_active")
+    __slots__ = ("id", "peer", "sock", "packets", "seen_packets", "last_active")
 
-    def __init__(self, session_id: int, peer: "Peer", sock: socket.socket, upstream_addr: tuple,
-                 now: float) -> None:
+    def __init__(self, session_id: int, peer: "Peer", sock: socket.socket, now: float) -> None:
         self.id = session_id
         self.peer = peer
         self.sock = sock  # connected to the upstream
-        self.upstream_addrs = (upstream_addr,)  # as SendBatch.aim takes it
         self.packets = 0
         self.seen_packets = 0
         self.last_active = now
@@ -2847,14 +3034,18 @@ class Peer:
         self.return_path = ReturnPath()
         self.heartbeats = {}  # type: Dict[int, List[int]]  # link -> [last seq, bitmap]
         self.sessions = {}  # type: Dict[int, ServerSession]
-        self.packets = 0
+        self.packets = 0  # authenticated packets received (and rx_bytes their bytes)
+        self.rx_bytes = 0
+        self.tx_packets = self.tx_bytes = 0  # replies sent, copies counted
         self.seen_packets = 0
-        self.last_heard = None  # type: Optional[float]
+        self.last_heard = None  # type: Optional[float]  # at a sweep: packets came since the one before
+        self.epoch_at = None  # type: Optional[float]  # when the running epoch was confirmed
         self.hello_budget = HELLOS_PER_SWEEP
         self.seen_hellos = {}  # type: Dict[bytes, bool]  # client nonces answered, oldest first
         self.path_moves = 0  # return path moves since the last line about it (rate-limited)
         self.path_line_timer = None  # type: Optional[Timer]  # that line, when it is held back
         self.path_announced = False  # "return path …" was logged; later moves say "replies now go by …"
+        self.on_upstream_error = None  # type: Optional[Callable[[OSError], None]]  # the data path's, made once
 
     def confirm(self, epoch: Epoch) -> None:
         """A packet verified under a pending epoch: it is the client's epoch from now on.
@@ -2896,13 +3087,14 @@ class ServerDataPath:
         self._bufs = [self._view]  # for recvmsg_into
         self._batch = SendBatch(self.counters)  # replies from upstreams, sealed for the client
         self._upstream_batch = SendBatch(self.counters, "upstream_full")  # payloads for one upstream socket
+        self.fragmented = FragmentWarning()
         self.session_budget = 1 << 30  # sessions of all clients together: what the fd limit allows
         self.open_sessions = 0
+        for peer in peers.values():
+            peer.on_upstream_error = (lambda p: lambda exc: self.upstream_error(p, exc))(peer)
 
     def open(self) -> None:
-        cfg = self.config
-        family, sockaddr = listen_address(cfg.listen_host, cfg.listen_port)
-        self.listen_sock = open_udp_socket(family, sockaddr)
+        self.listen_sock = open_listen_socket(self.config.listen_host, self.config.listen_port)
         self._gro = enable_gro(self.listen_sock)
         self.reactor.add_reader(self.listen_sock, self.on_listen_readable)
         self.session_budget = session_budget(raise_fd_limit())
@@ -2960,6 +3152,7 @@ class ServerDataPath:
                     peer.confirm(epoch)
                     call_soon(control.on_epoch_confirmed, peer, epoch)
                 peer.packets += 1
+                peer.rx_bytes += n
                 if type_flags & FLAG_ACTIVE and peer.return_path.observe(link, addr, seq, type_flags & COPIES_MASK):
                     call_soon(control.on_return_path_moved, peer)
                 if kind == TYPE_DATA:
@@ -2968,7 +3161,7 @@ class ServerDataPath:
                         continue
                     session.packets += 1
                     if session is not batch_session:
-                        upstream_batch.aim(session.sock, session.upstream_addrs, self._upstream_error)
+                        upstream_batch.aim(session.sock, CONNECTED_PEER, peer.on_upstream_error)
                         batch_session = session
                     upstream_batch.append(view[off + HEADER_SIZE:off + n - MAC_SIZE])
                 elif kind == TYPE_HEARTBEAT and n == OVERHEAD + HEARTBEAT_PAYLOAD.size:
@@ -2995,9 +3188,9 @@ class ServerDataPath:
         try:
             sock = self._upstream_socket(peer, upstream)
         except OSError as exc:
-            self.socket_error("upstream", exc)
+            self.socket_error("upstream", exc, upstream.text)
             return None
-        session = ServerSession(session_id, peer, sock, upstream.addr, self.reactor.time())
+        session = ServerSession(session_id, peer, sock, self.reactor.time())
         peer.sessions[session_id] = session
         self.open_sessions += 1
         self.reactor.add_reader(sock, lambda: self.on_upstream_readable(session))
@@ -3059,17 +3252,21 @@ class ServerDataPath:
         sock, batch = session.sock, self._batch
         buf, view = batch.buf, batch.view
         batch.aim(self.listen_sock, path.addrs, self._listen_error)
+        bytes_before, packets_before = batch.sent_bytes, batch.sent_packets
         while True:
             try:
                 n = sock.recv_into(batch.room())
             except BlockingIOError:
                 break
             except OSError as exc:  # ICMP port unreachable for an earlier send
-                self.socket_error("upstream", exc)
+                self.upstream_error(peer, exc)
                 continue
-            if n > MAX_DATA_PAYLOAD:
-                self.counters.add("oversize")
-                continue
+            if n > FITS_1500_IPV6:
+                if n > MAX_DATA_PAYLOAD:
+                    self.counters.add("oversize")
+                    continue
+                self.fragmented.note(n, max_datagram_on([family_of(a) for a in path.addrs]), self.counters,
+                                     self.log, "the upstream")
             session.packets += 1
             start = batch.end
             HEADER.pack_into(buf, start, TYPE_DATA, path.link, peer.client_id, session.id, epoch.next_nonce())
@@ -3079,6 +3276,8 @@ class ServerDataPath:
             buf[end:end + MAC_SIZE] = m.digest()
             batch.push(n + OVERHEAD)
         batch.flush()
+        peer.tx_bytes += batch.sent_bytes - bytes_before
+        peer.tx_packets += batch.sent_packets - packets_before
 
     def _drain_without_path(self, session: ServerSession) -> None:
         """Replies for a client whose return path is not known (yet, or any more): dropped."""
@@ -3089,7 +3288,7 @@ class ServerDataPath:
             except BlockingIOError:
                 return
             except OSError as exc:
-                self.socket_error("upstream", exc)
+                self.upstream_error(session.peer, exc)
                 continue
             session.packets += 1
             self.counters.add("no_return_path")
@@ -3108,13 +3307,15 @@ class ServerDataPath:
     def _listen_error(self, exc: OSError) -> None:
         self.socket_error("listen", exc)
 
-    def _upstream_error(self, exc: OSError) -> None:
-        self.socket_error("upstream", exc)  # ECONNREFUSED: the upstream is not listening (yet)
+    def upstream_error(self, peer: Peer, exc: OSError) -> None:
+        """ECONNREFUSED: the upstream is not listening (yet)."""
+        self.socket_error("upstream", exc, peer.upstream.text)
 
-    def socket_error(self, what: str, exc: OSError) -> None:
+    def socket_error(self, what: str, exc: OSError, where: str = "") -> None:
         """Counted, and logged at a bounded rate: a socket error never stops the relay."""
         self.counters.add("%s_errors" % what)
-        self.log.every("socket-error:" + what, ERROR_LOG_INTERVAL_S, "warn", "%s socket: %s" % (what, exc))
+        self.log.every("socket-error:" + what, ERROR_LOG_INTERVAL_S, "warn", "%s %s: %s" % (
+            what, where or "socket", exc.strerror or exc))
 
 
 class ServerHandshake:
@@ -3222,6 +3423,7 @@ class Server(ServerControl):
         self._sweep_timer = None  # type: Optional[Periodic]
         self._drop_summary = None  # type: Optional[Periodic]
         self._last_drop_report = None  # type: Optional[Dict[str, int]]
+        self.started_at = reactor.time()
 
     @property
     def listen_sock(self) -> Optional[socket.socket]:
@@ -3273,6 +3475,7 @@ class Server(ServerControl):
         self.handshake.on_hello(peer, link, addr, packet)
 
     def on_epoch_confirmed(self, peer: Peer, epoch: Epoch) -> None:
+        peer.epoch_at = self.reactor.time()
         self.log.info("client %d: new epoch %04x" % (peer.client_id, epoch.tag))
 
     def on_return_path_moved(self, peer: Peer) -> None:
@@ -3349,6 +3552,7 @@ class Server(ServerControl):
         self._last_drop_report = log_counter_summary(self.log, "server", self.counters, self._last_drop_report)
 
     def status(self) -> Dict[str, Any]:
+        now = self.reactor.time()
         clients = []
         for peer in self.peers.values():
             path = peer.return_path
@@ -3360,21 +3564,53 @@ class Server(ServerControl):
                 "return_links": [[link, format_address(addr)] for link, addr in path.links] if path.addr else [],
                 "upstream": peer.upstream.text,
                 "sessions": len(peer.sessions),
+                "last_seen_age_s": None if peer.last_heard is None else round(now - peer.last_heard, 1),
+                "handshake_age_s": None if peer.epoch_at is None else round(now - peer.epoch_at, 1),
+                "rx_packets": peer.packets, "rx_bytes": peer.rx_bytes,
+                "tx_packets": peer.tx_packets, "tx_bytes": peer.tx_bytes,
             })
         return {"mode": "server", "pid": os.getpid(), "clients": clients, "counters": dict(self.counters),
+                "uptime_s": round(now - self.started_at, 1),
                 "sessions": self.data.open_sessions, "session_budget": min(self.data.session_budget, 1 << 30)}
+
+    def metrics(self) -> "List[Metric]":
+        """The status as Prometheus metrics (prometheus_text)."""
+        now = self.reactor.time()
+
+        def age(at: Optional[float]) -> float:
+            return now - at if at is not None else float("inf")
+
+        per_client = [
+            ("mpudp_client_last_seen_age_seconds", "gauge",
+             "Seconds since the client was last heard, to a sweep (+Inf: never).", lambda p: age(p.last_heard)),
+            ("mpudp_client_handshake_age_seconds", "gauge", "Seconds since its epoch was confirmed (+Inf: none).",
+             lambda p: age(p.epoch_at)),
+            ("mpudp_client_sessions", "gauge", "Its sessions (upstream sockets).", lambda p: len(p.sessions)),
+            ("mpudp_client_return_links", "gauge", "Links its replies go back on (0: no return path).",
+             lambda p: len(p.return_path.links) if p.return_path.addr else 0),
+            ("mpudp_client_received_packets_total", "counter", "Authenticated packets received from it.",
+             lambda p: p.packets),
+            ("mpudp_client_received_bytes_total", "counter", "Their bytes.", lambda p: p.rx_bytes),
+            ("mpudp_client_sent_packets_total", "counter", "Replies sent to it (each copy).", lambda p: p.tx_packets),
+            ("mpudp_client_sent_bytes_total", "counter", "Their bytes.", lambda p: p.tx_bytes),
+        ]  # type: List[Tuple[str, str, str, Callable[[Peer], float]]]
+        metrics = [
+            ("mpudp_uptime_seconds", "gauge", "Seconds since the server started.", [({}, now - self.started_at)]),
+            ("mpudp_sessions", "gauge", "Sessions of all clients.", [({}, self.data.open_sessions)]),
+            ("mpudp_session_budget", "gauge", "Sessions the open-file limit leaves room for.",
+             [({}, min(self.data.session_budget, 1 << 30))]),
+        ]  # type: List[Metric]
+        for name, kind, help_text, read in per_client:
+            metrics.append((name, kind, help_text, [({"client": p.client_id}, float(read(p)))
+                                                    for p in self.peers.values()]))
+        return metrics + [drop_metrics(self.counters)]
 
     def status_lines(self) -> List[str]:
         return server_status_lines(self.status())
 
     def _write_status_file(self) -> None:
-        path = self.config.status_file
-        if path:
-            try:
-                write_json_atomically(path, dict(self.status(), time=time.time()))
-            except OSError as exc:
-                self.log.every("status-file", ERROR_LOG_INTERVAL_S, "warn",
-                               "cannot write status_file %s: %s" % (path, exc))
+        cfg = self.config
+        write_status_files(self.log, cfg.status_file, self.status, cfg.metrics_file, self.metrics)
 
     def reconfigure(self, new: "ServerConfig") -> None:
         """Apply a reloaded config (keys and listen address unchanged): timeouts, limits,
@@ -3417,6 +3653,7 @@ CLIENT_DEFAULTS = {
     "debug": False,
     "client_id": 0,
     "score_file": "",
+    "metrics_file": "",
     "session_timeout_sec": 180.0,
     "max_sessions": 1024,
     "log_target": "stderr",
@@ -3426,6 +3663,7 @@ CLIENT_DEFAULTS = {
 SERVER_DEFAULTS = {
     "heartbeat_timeout_sec": 10.0,
     "status_file": "",
+    "metrics_file": "",
     "session_timeout_sec": 180.0,
     "max_sessions": 1024,
     "dns_refresh_interval_sec": 600.0,
@@ -3519,6 +3757,10 @@ class _Section:
         text = self.get(key, "str")
         if text is None:
             return None
+        if text.startswith("PASTE"):  # the example config.json's placeholders
+            self.error(key, "still the example's placeholder: generate the keys first (python3 keygen.py "
+                       "on each side) and paste them in")
+            return None
         try:
             return decode_key(text)
         except ProtocolError as exc:
@@ -3582,6 +3824,7 @@ class CommonConfig:
     session_timeout_s = 180.0
     max_sessions = 1024
     dns_refresh_interval_s = 600.0
+    metrics_file = ""
 
 
 class ClientConfig(CommonConfig):
@@ -3639,6 +3882,7 @@ def _read_common(section: _Section, cfg: Any, defaults: Dict[str, Any]) -> None:
     cfg.max_sessions = section.integer("max_sessions", defaults["max_sessions"], 1, 1 << 20)
     cfg.dns_refresh_interval_s = section.number("dns_refresh_interval_sec", defaults["dns_refresh_interval_sec"],
                                                 1.0, allow_zero=True)
+    cfg.metrics_file = section.get("metrics_file", "str", defaults["metrics_file"])
 
 
 def _read_client(section: _Section, top_debug: bool) -> ClientConfig:
@@ -4011,6 +4255,10 @@ def describe(config: Config) -> List[str]:
                 ", " + via if via else ""))
         lines.append("heartbeat every %gs, down after %d misses, switch when better by %g" % (
             cfg.heartbeat_interval_s, cfg.max_consecutive_fail, cfg.switch_threshold))
+        families = [(numeric_address(link.host, link.port) or (None,))[0] for link in cfg.links]
+        lines.append("MTU: application datagrams up to %d bytes cross a 1500-byte path unfragmented on these "
+                     "links (mpudp adds %d); inside WireGuard, set MTU %d" % (
+                         max_datagram_on(families), OVERHEAD, max_datagram_on(families) - 32))
         if cfg.redundancy == "auto":
             lines.append("redundancy: auto (a copy on the next best link while the active one loses heartbeats)")
         elif cfg.redundancy > 1:
@@ -4082,7 +4330,7 @@ def run(config: Config) -> int:
     try:
         node.start()
     except OSError as exc:
-        log.error("cannot start: %s" % exc)
+        log.error("cannot start: %s" % (exc.strerror or exc))
         return 1
     log.info("mpudp %s running as %s (pid %d)" % (__version__, config.mode, os.getpid()))
     try:
@@ -4104,9 +4352,13 @@ def show_status(config: Config, out=None) -> int:
     key = "score_file" if config.mode == "client" else "status_file"
     path = getattr(cfg, key)
     if not path:
-        out.write("no status: set %s.%s in %s, then reload (SIGHUP) or restart mpudp\n" % (
-            config.mode, key, config.path))
-        return 3
+        pid = find_daemon(config.path)
+        if pid is None:
+            out.write("mpudp is not running with %s\n" % config.path)
+            return 3
+        out.write("mpudp %s is running (pid %d); to see its %s, set %s.%s in %s and reload (SIGHUP)\n" % (
+            config.mode, pid, "links" if config.mode == "client" else "clients", config.mode, key, config.path))
+        return 0
     if not os.path.exists(path):
         out.write("mpudp is not running (or has not written %s yet)\n" % path)
         return 3
@@ -4132,6 +4384,31 @@ def show_status(config: Config, out=None) -> int:
     for line in lines:
         out.write(line + "\n")
     return 0
+
+
+def find_daemon(config_path: str) -> Optional[int]:
+    """The pid of an mpudp process running with this config file (Linux: from /proc), or None."""
+    wanted = os.path.realpath(config_path)
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        if pid == os.getpid():
+            continue
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                args = f.read(65536).decode("utf-8", "replace").split("\0")
+            cwd = os.readlink("/proc/%d/cwd" % pid)
+        except OSError:
+            continue
+        if not any(arg.endswith("mpudp.py") or arg.endswith("/mpudp") for arg in args) or "--status" in args:
+            continue
+        given = [arg.split("=", 1)[1] for arg in args if arg.startswith(("-config=", "--config="))]
+        given += [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("-config", "--config")]
+        if any(os.path.realpath(os.path.join(cwd, path)) == wanted for path in given or ["config.json"]):
+            return pid
+    return None
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -4193,11 +4470,12 @@ def run_as_import(argv: Sequence[str]) -> None:
     compileall` at install time) and costs none of it.  The process keeps its
     PID, so procd and systemd see no difference.
     """
-    here = os.path.dirname(os.path.abspath(__file__))
-    os.execv(sys.executable, [sys.executable, "-c", _IMPORT_AND_RUN, here] + list(argv))
+    # The script's own path stays on the command line, so `pgrep -f .../mpudp.py` finds it.
+    os.execv(sys.executable, [sys.executable, "-c", _IMPORT_AND_RUN, os.path.abspath(__file__)] + list(argv))
 
 
-_IMPORT_AND_RUN = "import sys; sys.path.insert(0, sys.argv[1]); import mpudp; sys.exit(mpudp.main(sys.argv[2:]))"
+_IMPORT_AND_RUN = ("import os, sys; sys.path.insert(0, os.path.dirname(sys.argv[1])); import mpudp; "
+                   "sys.exit(mpudp.main(sys.argv[2:]))")
 
 
 if __name__ == "__main__":

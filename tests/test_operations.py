@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import MPUDP, ROOT, WAIT_S, EchoServer, addr_text, free_udp_port, keypair, paced, write_config
+from conftest import MPUDP, ROOT, WAIT_S, EchoServer, MpudpProcess, addr_text, free_udp_port, keypair, paced, write_config
 
 
 # -- helpers -------------------------------------------------------------------
@@ -178,21 +178,29 @@ def test_status_client_and_server_running_then_stopped(relay_pair, tmp_path):
         assert out.startswith("mpudp is not running"), out
 
 
-def test_status_without_score_file_says_which_key(tmp_path):
+def test_status_without_score_file_says_if_it_runs_and_which_key(tmp_path):
+    """No status file configured: exit 0 while a daemon runs with this config (and which key
+    would show its table), 3 once it stopped, as LSB's status."""
     server_keys, client_keys = keypair(), keypair()
     client_path = write_config(tmp_path, {"mode": "client", "client": {
-        "listen_addr": "127.0.0.1:40000", "links": [{"remote_addr": "127.0.0.1:40001"}],
+        "listen_addr": "127.0.0.1:%d" % free_udp_port(), "links": [{"remote_addr": "127.0.0.1:40001"}],
         "client_private_key": client_keys[0], "server_public_key": server_keys[1]}}, "client.json")
-    rc, out = cli("--status", "-config=%s" % client_path)
-    assert rc == 3, out
-    assert "no status: set client.score_file in %s" % client_path in out, out
-
     server_path = write_config(tmp_path, {"mode": "server", "server": {
-        "listen_addr": "127.0.0.1:40001", "upstream_addr": "127.0.0.1:40002",
+        "listen_addr": "127.0.0.1:%d" % free_udp_port(), "upstream_addr": "127.0.0.1:40002",
         "server_private_key": server_keys[0], "client_public_keys": [client_keys[1]]}}, "server.json")
-    rc, out = cli("--status", "-config=%s" % server_path)
-    assert rc == 3, out
-    assert "no status: set server.status_file in %s" % server_path in out, out
+    for mode, path, key in (("client", client_path, "client.score_file"), ("server", server_path, "server.status_file")):
+        rc, out = cli("--status", "-config=%s" % path)
+        assert rc == 3 and out.startswith("mpudp is not running with %s" % path), out
+        daemon = MpudpProcess(path)
+        try:
+            daemon.wait_for_line("running as %s" % mode)
+            rc, out = cli("--status", "-config=%s" % path)
+            assert rc == 0, out
+            assert "is running (pid %d)" % daemon.proc.pid in out and "set %s in %s" % (key, path) in out, out
+        finally:
+            daemon.stop()
+        rc, out = cli("--status", "-config=%s" % path)
+        assert rc == 3, out
 
 
 # -- 2. SIGUSR1 ---------------------------------------------------------------------

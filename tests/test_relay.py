@@ -827,10 +827,11 @@ def test_upstream_down_is_logged_not_fatal_and_traffic_resumes(relay_pair):
     first_source = pair.echo.received[0][1]
     pair.echo.close()  # the upstream goes away: the server's sends now get ECONNREFUSED
 
+    named = "upstream %s:%d: " % (host, port)  # the line names the upstream
     assert send_until(app, pair.client_address, b"into the void",
-                      lambda: pair.server.count_lines("upstream socket") > 0), pair.server.output()
-    line = next(text for text in pair.server.output().splitlines() if "upstream socket" in text)
-    assert "refused" in line.lower(), line
+                      lambda: pair.server.count_lines(named) > 0), pair.server.output()
+    line = next(text for text in pair.server.output().splitlines() if named in text)
+    assert line.endswith("Connection refused"), line
     assert pair.server.proc.poll() is None and pair.client.proc.poll() is None
 
     pair.echo = EchoServer(host, port)  # back on the same port (pair.close() closes it)
