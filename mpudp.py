@@ -76,8 +76,8 @@ try:
     from _blake2 import blake2b
     from _operator import _compare_digest as compare_digest
 except ImportError:  # another Python implementation
-    from hashlib import blake2b
-    from hmac import compare_digest
+    from hashlib import blake2b  # type: ignore[no-redef]
+    from hmac import compare_digest  # type: ignore[no-redef]
 
 __version__ = "0.1.0"
 
@@ -1090,7 +1090,8 @@ def host_problem(host: str) -> str:
         return "not a host name (ASCII letters, digits, '-' and '.'; an internationalised name in its xn-- form)"
     if numeric_address(host, 0) is not None:
         return ""
-    if len(host) > 253 or not all(0 < len(label) <= 63 for label in host[:-1 if host.endswith(".") else None].split(".")):
+    labels = (host[:-1] if host.endswith(".") else host).split(".")
+    if len(host) > 253 or not all(0 < len(label) <= 63 for label in labels):
         return "not a host name (labels of 1 to 63 characters, 253 in all)"
     return ""
 
@@ -2320,8 +2321,8 @@ class Steering:
         extra = self.copies_wanted() - 1
         others = []  # type: List[ClientLink]
         if extra > 0:
-            others = [l for l in links if l is not active and candidates[l.index].up]
-            others.sort(key=lambda l: candidates[l.index].score, reverse=True)
+            others = [link for link in links if link is not active and candidates[link.index].up]
+            others.sort(key=lambda link: candidates[link.index].score, reverse=True)
         return Route((active,) + tuple(others[:extra]))
 
 
@@ -2452,7 +2453,7 @@ class Client(ClientControl):
         """Traffic moves at once; with no link left up, a new handshake (perhaps the
         server restarted and forgot our epoch)."""
         self._steer()
-        if not any(l.health.up for l in self.links):
+        if not any(link.health.up for link in self.links):
             self._start_handshake()
 
     def _start_handshake(self) -> None:
@@ -2483,7 +2484,7 @@ class Client(ClientControl):
             return
         self.data.route = route
         if (len(route.carriers) > 1 or len(was) > 1) and set(route.carriers) != set(was):
-            self.log.info("sending on %s" % (" + ".join(l.name for l in route.carriers) or "no link"))
+            self.log.info("sending on %s" % (" + ".join(link.name for link in route.carriers) or "no link"))
         if self.data.epoch is not None:
             was_active = was[0] if was else None
             for link in route.carriers:
@@ -2558,7 +2559,7 @@ class Client(ClientControl):
             self._steer()
 
     def _on_address_change(self, endpoint: Endpoint) -> None:
-        link = next((l for l in self.links if l.endpoint is endpoint), None)
+        link = next((each for each in self.links if each.endpoint is endpoint), None)
         if link is None:
             return  # a look-up that finished after a reload removed its link
         if link.sock is None or link.sock.family != endpoint.family:
@@ -2721,36 +2722,43 @@ class Client(ClientControl):
         """The status as Prometheus metrics (prometheus_text)."""
         now = self.reactor.time()
         carriers = self.data.route.carriers
-        per_link = []  # type: List[Tuple[str, str, str, Callable[[ClientLink], float]]]
-        per_link += [
+
+        def age(at: Optional[float]) -> float:
+            return now - at if at is not None else float("inf")
+
+        per_link = [
             ("mpudp_link_up", "gauge", "1 if the link answers heartbeats and has a socket.",
-             lambda l: l.health.up and l.sock is not None),
-            ("mpudp_link_active", "gauge", "1 for the link chosen to carry the traffic.", lambda l: l is self.active),
+             lambda link: link.health.up and link.sock is not None),
+            ("mpudp_link_active", "gauge", "1 for the link chosen to carry the traffic.",
+             lambda link: link is self.active),
             ("mpudp_link_carrier", "gauge", "1 for each link data goes out on now (redundancy: several).",
-             lambda l: l in carriers),
+             lambda link: link in carriers),
             ("mpudp_link_rtt_seconds", "gauge", "Smoothed heartbeat round-trip time (NaN before the first).",
-             lambda l: l.health.srtt if l.health.srtt is not None else float("nan")),
-            ("mpudp_link_loss_ratio", "gauge", "Share of recent heartbeats not answered.", lambda l: l.health.loss()),
+             lambda link: link.health.srtt if link.health.srtt is not None else float("nan")),
+            ("mpudp_link_loss_ratio", "gauge", "Share of recent heartbeats not answered.",
+             lambda link: link.health.loss()),
             ("mpudp_link_last_answer_age_seconds", "gauge", "Seconds since the link last answered (+Inf: never).",
-             lambda l: now - l.health.last_answer_at if l.health.last_answer_at is not None else float("inf")),
+             lambda link: age(link.health.last_answer_at)),
             ("mpudp_link_sent_packets_total", "counter", "Packets sent on the link (data and heartbeats).",
-             lambda l: l.tx_packets),
-            ("mpudp_link_sent_bytes_total", "counter", "Bytes sent on the link.", lambda l: l.tx_bytes),
+             lambda link: link.tx_packets),
+            ("mpudp_link_sent_bytes_total", "counter", "Bytes sent on the link.", lambda link: link.tx_bytes),
             ("mpudp_link_received_packets_total", "counter", "Authenticated packets received on the link.",
-             lambda l: l.rx_packets),
+             lambda link: link.rx_packets),
             ("mpudp_link_received_bytes_total", "counter", "Authenticated bytes received on the link.",
-             lambda l: l.rx_bytes),
-            ("mpudp_link_switches_total", "counter", "Times the link became the active one.", lambda l: l.switches),
-        ]
+             lambda link: link.rx_bytes),
+            ("mpudp_link_switches_total", "counter", "Times the link became the active one.",
+             lambda link: link.switches),
+        ]  # type: List[Tuple[str, str, str, Callable[[ClientLink], float]]]
         metrics = [
             ("mpudp_uptime_seconds", "gauge", "Seconds since the client started.", [({}, now - self.started_at)]),
             ("mpudp_handshake_age_seconds", "gauge", "Seconds since the running epoch was agreed (+Inf: none).",
-             [({}, now - self.epoch_at if self.epoch_at is not None else float("inf"))]),
+             [({}, age(self.epoch_at))]),
             ("mpudp_sessions", "gauge", "Local applications with a session.", [({}, len(self.sessions_by_id))]),
         ]  # type: List[Metric]
         for name, kind, help_text, read in per_link:
-            metrics.append((name, kind, help_text, [({"link": l.index, "remote": l.endpoint.text}, float(read(l)))
-                                                    for l in self.links]))
+            metrics.append((name, kind, help_text, [({"link": link.index, "remote": link.endpoint.text},
+                                                     float(read(link)))
+                                                    for link in self.links]))
         return metrics + [drop_metrics(self.counters)]
 
 
@@ -2810,7 +2818,8 @@ def server_status_lines(status: Dict[str, Any]) -> List[str]:
     rows = [("client", "epoch", "return path", "upstream", "sessions")]
     for c in status["clients"]:
         path = "-" if c["return_link"] is None else " + ".join(
-            "link %d %s" % (link, addr) for link, addr in c.get("return_links") or [(c["return_link"], c["return_addr"])])
+            "link %d %s" % (link, addr)
+            for link, addr in c.get("return_links") or [(c["return_link"], c["return_addr"])])
         rows.append((str(c["client_id"]), c["epoch"] or "-", path, c["upstream"], str(c["sessions"])))
     return format_table(rows)
 
@@ -2994,9 +3003,11 @@ class ReturnPath:
     def _rank(self) -> bool:
         paths, link = self._carriers, self.link
         copies = (self.copies_bits >> COPIES_SHIFT) + 1
-        others = sorted((l for l in paths if l != link), key=lambda l: paths[l][1], reverse=True)[:copies - 1]
-        self.addrs = [self.addr] + [paths[l][0] for l in others]
-        links = tuple(sorted([(link, self.addr)] + [(l, paths[l][0]) for l in others]))
+        newest_first = sorted((other for other in paths if other != link), key=lambda other: paths[other][1],
+                              reverse=True)
+        others = newest_first[:copies - 1]
+        self.addrs = [self.addr] + [paths[other][0] for other in others]
+        links = tuple(sorted([(link, self.addr)] + [(other, paths[other][0]) for other in others]))
         if links == self.links:
             return False
         self.links = links
@@ -3005,7 +3016,7 @@ class ReturnPath:
     def describe(self) -> str:
         """"link 0 (192.0.2.1:7)", "links 0 (…) + 1 (…)", for log lines."""
         return "link%s %s" % ("s" if len(self.links) > 1 else "",
-                              " + ".join("%d (%s)" % (l, format_address(a)) for l, a in self.links))
+                              " + ".join("%d (%s)" % (link, format_address(addr)) for link, addr in self.links))
 
 
 class ServerSession:
@@ -4174,7 +4185,11 @@ def run_demo(seconds: float = 12.0, out=None) -> int:
     reactor = Reactor(log=log)
     resolver = Resolver(reactor)
     echo = open_udp_socket(socket.AF_INET, ("127.0.0.1", 0))
-    reactor.add_reader(echo, lambda: [_send_quietly(echo, d, a) for d, a in _drain(echo)])
+    def echo_back() -> None:
+        for data, addr in _drain(echo):
+            _send_quietly(echo, data, addr)
+
+    reactor.add_reader(echo, echo_back)
     server_key, client_key = generate_private_key(), generate_private_key()
     server = Server(parse_config({"mode": "server", "server": {
         "listen_addr": "127.0.0.1:0", "upstream_addr": "127.0.0.1:%d" % echo.getsockname()[1],
