@@ -1188,7 +1188,7 @@ def test_upstream_down_and_back(relay_pair):
     for i in range(5):  # into a closed port: ECONNREFUSED on the server's connected upstream socket
         app.sock.sendto(b"void:%d" % i, pair.client_address)
         time.sleep(0.02)
-    line = pair.server.lines[pair.server.wait_for_line("upstream socket", start=mark)]
+    line = pair.server.lines[pair.server.wait_for_line("upstream %s:%d: " % (LOOPBACK, port), start=mark)]
     assert "refused" in line.lower(), line
     started = time.monotonic()
     pair.echo = EchoServer(LOOPBACK, port)
