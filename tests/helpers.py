@@ -11,6 +11,7 @@ no event to wait on (the kernel's /proc, a file).
 import collections
 import itertools
 import os
+import random
 import selectors
 import socket
 import struct
@@ -22,6 +23,11 @@ import mpudp
 
 WAIT_S = 15.0  # functional bound for anything a test waits on; generous for a loaded CI
 LOOPBACK = "127.0.0.1"
+
+# Seeded randomness of the hostile tests (fuzz, flood).  MPUDP_FUZZ_CASES (default 10000,
+# well under a second) runs more cases; MPUDP_FUZZ_SEED replays the seed a failure names.
+FUZZ_CASES = int(os.environ.get("MPUDP_FUZZ_CASES", "10000"))
+FUZZ_SEED = int(os.environ.get("MPUDP_FUZZ_SEED", str(random.SystemRandom().randrange(1 << 32))))
 
 
 # -- sockets and waits ---------------------------------------------------------
@@ -278,6 +284,16 @@ class Tap:
         for sock in [self.listen] + list(self.nat.values()):
             sock.close()
         self._selector.close()
+
+
+def captured(taps, direction, kinds):
+    """[(data, client source, tap)] of the packets of `kinds` the taps saw going `direction`."""
+    return [(data, source, tap) for tap in taps for _t, data, source in tap.records(direction)
+            if kind(data) in kinds]
+
+
+def duplicates(items):
+    return sorted(item for item, count in collections.Counter(items).items() if count > 1)
 
 
 # -- a local application ---------------------------------------------------------
