@@ -1,7 +1,7 @@
 """End-to-end tests of mpudp's operation features: --status, --check, SIGUSR1, SIGHUP.
 
 Real client and server processes on loopback (conftest.RelayPair).  Every wait
-is on an event (a log line, an echo, a command's answer) with conftest.WAIT_S
+is on an event (a log line, an echo, a command's answer) with helpers.WAIT_S
 as the failure bound only; nothing sleeps for a fixed time to "let things
 settle".  The only sleep is the 10 ms pacing of the 100 pps sender.
 """
