@@ -1,5 +1,11 @@
-"""Shared test fixtures: fake clock, keys, echo upstream, mpudp processes, relay pairs,
-throw-away network namespaces.
+"""Shared test fixtures and harnesses: a fake clock, keys and ports, mpudp processes
+(MpudpProcess) and relay pairs of them (RelayPair: links through LinkEmulators or
+recording Taps), mpudp in this process (InProcess: servers and clients on one
+Reactor, a fake or real clock; ServerBench: a server alone, the test its client),
+and throw-away network namespaces.  The traffic helpers they use (EchoServer, Tap,
+App, Stream, waits, packet tools) are in helpers.py.
+
+Fixtures: cleanup, relay_pair, tapped_pair, in_process, rig, bench.
 
 Everything here uses loopback (or a namespace the test made) and waits on events
 (a log line, a datagram, a counter) with generous bounds, never on fixed sleeps.
@@ -10,6 +16,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -196,19 +203,32 @@ class MpudpProcess:
 
     def wait_for_line(self, text, timeout=WAIT_S, start=0):
         """Index of the first line from `start` on containing `text`; fails the test if none comes."""
+        return self._wait_line(lambda line: text in line, "with %r" % text, timeout, start)[0]
+
+    def wait_line_ending(self, text, start=0, timeout=WAIT_S):
+        """Index of the first line from `start` on that ends with `text`; fails the test if none comes."""
+        return self._wait_line(lambda line: line.endswith(text), "ending with %r" % text, timeout, start)[0]
+
+    def wait_match(self, pattern, start=0, timeout=WAIT_S):
+        """(index, match) of the first line from `start` on matching the regex `pattern`."""
+        return self._wait_line(re.compile(pattern).search, "matching %r" % pattern, timeout, start)
+
+    def _wait_line(self, test, what, timeout, start):
+        """(index, test(line)) of the first line from `start` on for which test(line) is true."""
         def find():
             for i in range(start, len(self.lines)):
-                if text in self.lines[i]:
-                    return i
+                found = test(self.lines[i])
+                if found:
+                    return i, found
             return None
 
         with self.cond:
             self.cond.wait_for(lambda: find() is not None or self.proc.poll() is not None, timeout)
-            index = find()
-        if index is None:
-            raise AssertionError("no line with %r within %ss (exit %r); output:\n%s" % (
-                text, timeout, self.proc.poll(), "\n".join(self.lines[-40:])))
-        return index
+            result = find()
+        if result is None:
+            raise AssertionError("no line %s within %ss (exit %r); output:\n%s" % (
+                what, timeout, self.proc.poll(), "\n".join(self.lines[-40:])))
+        return result
 
     def count_lines(self, text):
         with self.cond:
@@ -373,7 +393,7 @@ def tapped_pair(relay_pair):
     return make
 
 
-# -- mpudp in this process ----------------------------------------------------
+# -- mpudp in this process ---------------------------------------------------
 
 
 class InProcess:
@@ -611,7 +631,6 @@ class ServerBench(InProcess):
         InProcess.__init__(self)
         self.echo_upstream = False
         self.add_server()
-        self.address = self.server_addr
         self.secret = static_secret(self.client_keys, self.server_keys)
         self.links = [self.socket() for _ in range(links)]
         self.epoch = self.handshake()
@@ -623,7 +642,7 @@ class ServerBench(InProcess):
         cookie = bytes(mpudp.NONCE_SIZE)
         sock = self.links[0]
         for _ in range(2):
-            sock.sendto(seal_hello(static, 0, nonce, cookie), self.address)
+            sock.sendto(seal_hello(static, 0, nonce, cookie), self.server_addr)
             got = []
             assert self.settle(lambda: got.extend(drain(sock)) or got)
             packet = got[0][0]
@@ -642,7 +661,7 @@ class ServerBench(InProcess):
             seq = epoch.tx_seq
         packet = mpudp.seal(mac or epoch.tx_mac, type_flags, link, 0, 7, epoch.nonce_base | seq,
                             payload or mpudp.HEARTBEAT_PAYLOAD.pack(seq, 0))
-        self.links[link].sendto(packet, self.address)
+        self.links[link].sendto(packet, self.server_addr)
         return seq
 
     def taken(self):
@@ -796,7 +815,7 @@ class NetNs:
         subprocess.run(["ip", "netns", "del", self.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-# -- the slow scenarios on some Pythons only -----------------------------------
+# -- the slow scenarios on some Pythons only ---------------------------------
 
 
 def pytest_collection_modifyitems(config, items):

@@ -30,7 +30,7 @@ FUZZ_CASES = int(os.environ.get("MPUDP_FUZZ_CASES", "10000"))
 FUZZ_SEED = int(os.environ.get("MPUDP_FUZZ_SEED", str(random.SystemRandom().randrange(1 << 32))))
 
 
-# -- sockets and waits ---------------------------------------------------------
+# -- sockets and waits -------------------------------------------------------
 
 
 def family_of(host):
@@ -105,7 +105,7 @@ def reporter(tag):
     return report
 
 
-# -- an echo upstream ----------------------------------------------------------
+# -- an echo upstream --------------------------------------------------------
 
 
 class EchoServer:
@@ -174,7 +174,7 @@ class EchoServer:
         self._wake_w.close()
 
 
-# -- a recording link tap --------------------------------------------------------
+# -- a recording link tap ----------------------------------------------------
 
 
 class Tap:
@@ -296,7 +296,7 @@ def duplicates(items):
     return sorted(item for item, count in collections.Counter(items).items() if count > 1)
 
 
-# -- a local application ---------------------------------------------------------
+# -- a local application -----------------------------------------------------
 
 
 class App:
@@ -377,7 +377,7 @@ class App:
         self.sock.close()
 
 
-# -- a paced stream ----------------------------------------------------------------
+# -- a paced stream ----------------------------------------------------------
 
 
 SEQ_NUMBER = struct.Struct("!I")
@@ -552,7 +552,7 @@ def round_trip(sock, dest, payload, timeout=WAIT_S):
     raise AssertionError("no echo of %r within %ss; got instead %r" % (payload[:40], timeout, others[:10]))
 
 
-# -- packets on the wire ------------------------------------------------------------
+# -- packets on the wire -----------------------------------------------------
 
 
 def kind(data):
@@ -593,18 +593,16 @@ def handshake_value(data, nonce):
     return value if client_nonce == nonce else None
 
 
-def manual_handshake(sock, server_addr, secret, client_id, timeout=WAIT_S, wait=None):
-    """HELLO, COOKIE, HELLO with the cookie, WELCOME, by hand from `sock`: the client-side
-    Epoch, or None if no WELCOME came.  `wait(sock)` returns the datagrams that came within
-    a moment (default: a blocking receive of 0.1 s; an in-process server's harness pumps its
-    reactor instead)."""
+def manual_handshake(sock, server_addr, secret, client_id, timeout=WAIT_S):
+    """HELLO, COOKIE, HELLO with the cookie, WELCOME, by hand from `sock` to a server in
+    another process or thread: the client-side Epoch, or None if no WELCOME came."""
     nonce = os.urandom(mpudp.NONCE_SIZE)
     static = mpudp.StaticKeys(secret)
     hello = seal_hello(static, client_id, nonce)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         sock.sendto(hello, server_addr)
-        for data in (wait or _receive_a_moment)(sock):
+        for data in _receive_a_moment(sock):
             if not mpudp.verify(static.welcome_mac, data, len(data)) or handshake_value(data, nonce) is None:
                 continue
             if kind(data) == mpudp.TYPE_COOKIE:
@@ -625,7 +623,7 @@ def _receive_a_moment(sock, seconds=0.1):
         sock.settimeout(previous)
 
 
-# -- log lines of an mpudp process ----------------------------------------------------
+# -- log lines of an mpudp process -------------------------------------------
 
 
 def line_count(process):

@@ -45,23 +45,6 @@ def sending_on(pair, *indices):
     return "sending on " + " + ".join(link_name(pair, i) for i in indices)
 
 
-def wait_line_ending(proc, text, start, timeout=WAIT_S):
-    """Index of the first line from `start` on that ends with `text` (so "sending on link 1 (…)"
-    does not match the longer "sending on link 1 (…) + link 0 (…)"); fails after `timeout`."""
-    def find():
-        for i in range(start, len(proc.lines)):
-            if proc.lines[i].endswith(text):
-                return i
-        return None
-
-    with proc.cond:
-        proc.cond.wait_for(lambda: find() is not None or proc.proc.poll() is not None, timeout)
-        index = find()
-    assert index is not None, "no line ending with %r within %ss; output:\n%s" % (
-        text, timeout, "\n".join(proc.lines[-40:]))
-    return index
-
-
 def assert_no_internal_error(pair):
     for proc in (pair.client, pair.server):
         output = proc.output()
@@ -155,7 +138,7 @@ def test_blackholed_link_loses_nothing_with_two_copies(relay_pair, tmp_path, str
     blackholed_at = time.monotonic()
     down = pair.client.wait_for_line("%s down after" % link_name(pair, dead), start=start)
     detected = time.monotonic() - blackholed_at
-    single = wait_line_ending(pair.client, sending_on(pair, alive), start)
+    single = pair.client.wait_line_ending(sending_on(pair, alive), start)
     stream.finish()
 
     missing, repeated = exactly_once(stream.replies(), count)
@@ -304,7 +287,7 @@ def test_auto_adds_a_copy_while_the_active_link_loses(relay_pair, tmp_path, stre
     healed_at = time.monotonic()
     state = [line for line in lines_from(pair.client, both) if "sending on" in line][-1]
     if state.endswith(sending_on(pair, lossy, other)):
-        wait_line_ending(pair.client, sending_on(pair, lossy), heal)
+        pair.client.wait_line_ending(sending_on(pair, lossy), heal)
         report("auto: back to link %d alone %.2fs after the loss ended (heartbeat 0.1 s, misses age out "
                "after %d)" % (lossy, time.monotonic() - healed_at, mpudp.AUTO_REDUNDANCY_HEARTBEATS))
     else:

@@ -31,26 +31,6 @@ from linkemu import LinkEmulator
 # -- helpers -------------------------------------------------------------------
 
 
-def wait_match(process, pattern, start=0, timeout=WAIT_S):
-    """(index, match) of the first line from `start` on matching the regex `pattern`."""
-    regex = re.compile(pattern)
-
-    def find():
-        for i in range(start, len(process.lines)):
-            m = regex.search(process.lines[i])
-            if m:
-                return i, m
-        return None
-
-    with process.cond:
-        process.cond.wait_for(lambda: find() is not None or process.proc.poll() is not None, timeout)
-        found = find()
-    if found is None:
-        raise AssertionError("no line matching %r within %ss (exit %r); output:\n%s" % (
-            pattern, timeout, process.proc.poll(), "\n".join(process.lines[-40:])))
-    return found
-
-
 def udp_socket_open(local_port, remote_port):
     """True if some UDP socket on this host is bound to `local_port` and connected to `remote_port`
     (from /proc/net/udp and udp6; None where there is no /proc)."""
@@ -81,9 +61,9 @@ def start_chatter(dest, prefix, every=0.03):
 
 def opened_session(pair, app_port, start_c, start_s):
     """(session id, upstream source address) of the session opened for the application on `app_port`."""
-    _i, m = wait_match(pair.client, r"session ([0-9a-f]{8}) opened for 127\.0\.0\.1:%d$" % app_port, start_c)
+    _i, m = pair.client.wait_match(r"session ([0-9a-f]{8}) opened for 127\.0\.0\.1:%d$" % app_port, start_c)
     sid = m.group(1)
-    _i, m = wait_match(pair.server, r"client 0: session %s opened, upstream %s from 127\.0\.0\.1:(\d+)$" % (
+    _i, m = pair.server.wait_match(r"client 0: session %s opened, upstream %s from 127\.0\.0\.1:(\d+)$" % (
         sid, re.escape(pair.echo.text)), start_s)
     return sid, (LOOPBACK, int(m.group(1)))
 
@@ -344,7 +324,7 @@ def test_switch_between_ipv4_and_ipv6_links_mid_stream(relay_pair, cleanup, echo
     cleanup(chatter.stop)
     chatter.wait_received(5)
     v4 = r"(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]):"  # a dual-stack socket sees IPv4 peers v4-mapped
-    wait_match(pair.server, r"client 0: return path link 0 \(%s" % v4)
+    pair.server.wait_match(r"client 0: return path link 0 \(%s" % v4)
     sources = pair.echo.sources()
     assert len(sources) == 1 and (":" in next(iter(sources))[0]) == (":" in echo_host)
 
@@ -355,7 +335,7 @@ def test_switch_between_ipv4_and_ipv6_links_mid_stream(relay_pair, cleanup, echo
         down.set(blackhole=True)
         pair.client.wait_for_line("switch %s -> %s: active link down" % (names[old], names[new]), start=start_c)
         family = r"\[::1\]:" if new == 1 else v4
-        wait_match(pair.server, r"client 0: replies now go by link %d \(%s" % (new, family), start_s)
+        pair.server.wait_match(r"client 0: replies now go by link %d \(%s" % (new, family), start_s)
         switched_at = time.monotonic()
         carried = up.counters["down_out"]
         chatter.wait_received(chatter.received() + 20)  # the stream goes on, on the other family's link
