@@ -30,6 +30,7 @@ from helpers import WAIT_S, EchoServer, addr_text, drain, header, kind, payload_
 from linkemu import LinkEmulator
 
 MAX = mpudp.MAX_DATA_PAYLOAD  # 65475: the largest datagram the relay carries
+HDR = mpudp.HEADER_SIZE
 MACLEN = mpudp.MAC_SIZE
 
 
