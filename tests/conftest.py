@@ -264,14 +264,14 @@ class RelayPair:
     """An echo upstream, an mpudp server, one link per client link in front of the server,
     and an mpudp client: processes, all on loopback.
 
-    The links go through LinkEmulators (`via="emulator"`: tests steer them with
-    `self.links[i].set(...)`, see linkemu.LinkEmulator) or recording Taps (`via="tap"`:
-    `self.taps`, see helpers.Tap).  Tests talk to the client's listen address with
+    The links go through LinkEmulators (tests steer them with `self.links[i].set(...)`,
+    see linkemu.LinkEmulator), through recording Taps (`taps=True`: `self.taps`, see
+    helpers.Tap), or straight to the server (`emulate=False`).  Tests talk to the client's listen address with
     `app_socket()`; either process can be stopped and started again on the same config
     (`start_server`, `start_client`), and `spawn` starts another one that `close` stops.
     """
 
-    def __init__(self, directory, links=2, host=LOOPBACK, client=None, server=None, via="emulator",
+    def __init__(self, directory, links=2, host=LOOPBACK, client=None, server=None, emulate=True, taps=False,
                  echo_host=None, extra_links=(), extra_client_keys=(), config_mode=0o600, wait_handshake=True):
         self.directory = directory
         self.host = host
@@ -281,12 +281,14 @@ class RelayPair:
         try:
             self.server_keys, self.client_keys = keypair(), keypair()
             self.server_port = free_udp_port(host)
-            if via == "tap":
+            if taps:
                 self.taps = [Tap(self.server_addr, host) for _ in range(links)]
                 remotes = [tap.text for tap in self.taps]
-            else:
+            elif emulate:
                 self.links = [LinkEmulator(self.server_addr, listen=(host, 0), seed=i).start() for i in range(links)]
                 remotes = [addr_text(*link.address[:2]) for link in self.links]
+            else:
+                remotes = [addr_text(*self.server_addr)] * links
             server_cfg = {
                 "listen_addr": addr_text(host, self.server_port),
                 "upstream_addr": self.echo.text,
@@ -389,7 +391,7 @@ def tapped_pair(relay_pair):
     `client` says otherwise: tapped_pair(links=2, client={...}, server={...}, ...)."""
     def make(links=2, client=None, **kwargs):
         client = dict({"heartbeat_interval_sec": 0.1}, **(client or {}))
-        return relay_pair(links=links, via="tap", client=client, **kwargs)
+        return relay_pair(links=links, taps=True, client=client, **kwargs)
     return make
 
 
