@@ -1,14 +1,22 @@
-"""Shared test fixtures: fake clock, keys, echo upstream, mpudp processes, relay pairs,
-throw-away network namespaces.
+"""Shared test fixtures and harnesses: a fake clock, keys and ports, mpudp processes
+(MpudpProcess) and relay pairs of them (RelayPair: links through LinkEmulators or
+recording Taps), mpudp in this process (InProcess: servers and clients on one
+Reactor, a fake or real clock; ServerBench: a server alone, the test its client),
+and throw-away network namespaces.  The traffic helpers they use (EchoServer, Tap,
+App, Stream, waits, packet tools) are in helpers.py.
+
+Fixtures: cleanup, relay_pair, tapped_pair, in_process, rig, bench.
 
 Everything here uses loopback (or a namespace the test made) and waits on events
 (a log line, a datagram, a counter) with generous bounds, never on fixed sleeps.
 """
 
 import ctypes
+import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -24,11 +32,13 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mpudp  # noqa: E402
+from helpers import (  # noqa: E402
+    LOOPBACK, WAIT_S, EchoServer, Tap, addr_text, drain, round_trip, seal_hello, static_secret, udp_socket,
+)
 from linkemu import LinkEmulator  # noqa: E402
 
 MPUDP = os.path.join(ROOT, "mpudp.py")
 KEYGEN = os.path.join(ROOT, "keygen.py")
-WAIT_S = 15.0  # functional bound for anything a test waits on; generous for a loaded CI
 
 
 # -- fake time ---------------------------------------------------------------
@@ -104,10 +114,6 @@ def free_udp_port(host="127.0.0.1"):
     raise AssertionError("no free UDP port found on %s" % host)
 
 
-def addr_text(host, port):
-    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
-
-
 def ipv6_available():
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
@@ -130,79 +136,6 @@ def cleanup():
             action()
         except Exception:
             pass
-
-
-# -- an echo upstream --------------------------------------------------------
-
-
-class EchoServer:
-    """A UDP echo on loopback in a thread; records every datagram and its source."""
-
-    def __init__(self, host="127.0.0.1", port=0):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.bind((host, port))
-        self.sock.settimeout(0.2)
-        self.address = self.sock.getsockname()[:2]
-        self.received = []  # (data, source)
-        self.cond = threading.Condition()
-        self.echo = True
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    @property
-    def text(self):
-        return addr_text(*self.address)
-
-    def _run(self):
-        while not self._stop:
-            try:
-                data, source = self.sock.recvfrom(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                if self._stop:
-                    return
-                continue
-            with self.cond:
-                self.received.append((data, source))
-                self.cond.notify_all()
-            if self.echo:
-                try:
-                    self.sock.sendto(data, source)
-                except OSError:
-                    pass
-
-    def wait_for(self, predicate, timeout=WAIT_S):
-        with self.cond:
-            return self.cond.wait_for(lambda: predicate(self.received), timeout)
-
-    def sources(self):
-        with self.cond:
-            return {source for _data, source in self.received}
-
-    def close(self):
-        self._stop = True
-        self._thread.join(2)
-        self.sock.close()
-
-
-# -- paced traffic -------------------------------------------------------------
-
-
-def paced(interval, stop):
-    """Yield at once, then every `interval` seconds until the threading.Event `stop` is set.
-    A sender that fell behind goes on from now: it never bursts to catch up."""
-    next_at = time.monotonic()
-    while not stop.is_set():
-        yield
-        next_at += interval
-        delay = next_at - time.monotonic()
-        if delay > 0:
-            stop.wait(delay)  # pacing, not waiting for an event
-        else:
-            next_at = time.monotonic()
 
 
 # -- score_file / status_file ------------------------------------------------
@@ -271,19 +204,32 @@ class MpudpProcess:
 
     def wait_for_line(self, text, timeout=WAIT_S, start=0):
         """Index of the first line from `start` on containing `text`; fails the test if none comes."""
+        return self._wait_line(lambda line: text in line, "with %r" % text, timeout, start)[0]
+
+    def wait_line_ending(self, text, start=0, timeout=WAIT_S):
+        """Index of the first line from `start` on that ends with `text`; fails the test if none comes."""
+        return self._wait_line(lambda line: line.endswith(text), "ending with %r" % text, timeout, start)[0]
+
+    def wait_match(self, pattern, start=0, timeout=WAIT_S):
+        """(index, match) of the first line from `start` on matching the regex `pattern`."""
+        return self._wait_line(re.compile(pattern).search, "matching %r" % pattern, timeout, start)
+
+    def _wait_line(self, test, what, timeout, start):
+        """(index, test(line)) of the first line from `start` on for which test(line) is true."""
         def find():
             for i in range(start, len(self.lines)):
-                if text in self.lines[i]:
-                    return i
+                found = test(self.lines[i])
+                if found:
+                    return i, found
             return None
 
         with self.cond:
             self.cond.wait_for(lambda: find() is not None or self.proc.poll() is not None, timeout)
-            index = find()
-        if index is None:
-            raise AssertionError("no line with %r within %ss (exit %r); output:\n%s" % (
-                text, timeout, self.proc.poll(), "\n".join(self.lines[-40:])))
-        return index
+            result = find()
+        if result is None:
+            raise AssertionError("no line %s within %ss (exit %r); output:\n%s" % (
+                what, timeout, self.proc.poll(), "\n".join(self.lines[-40:])))
+        return result
 
     def count_lines(self, text):
         with self.cond:
@@ -316,75 +262,110 @@ def write_config(directory, data, name="config.json"):
 
 
 class RelayPair:
-    """An echo upstream, an mpudp server, N link emulators and an mpudp client, all on loopback.
+    """An echo upstream, an mpudp server, one link per client link in front of the server,
+    and an mpudp client: processes, all on loopback.
 
-    Tests talk to the client's listen address with `app_socket()` and steer the
-    links through `self.links[i].set(...)` (see linkemu.LinkEmulator).
+    The links go through LinkEmulators (tests steer them with `self.links[i].set(...)`,
+    see linkemu.LinkEmulator), through recording Taps (`taps=True`: `self.taps`, see
+    helpers.Tap), or straight to the server (`emulate=False`).  Tests talk to the client's listen address with
+    `app_socket()`; either process can be stopped and started again on the same config
+    (`start_server`, `start_client`), and `spawn` starts another one that `close` stops.
     """
 
-    def __init__(self, directory, links=2, host="127.0.0.1", client=None, server=None, emulate=True,
-                 echo_host=None):
+    def __init__(self, directory, links=2, host=LOOPBACK, client=None, server=None, emulate=True, taps=False,
+                 echo_host=None, extra_links=(), extra_client_keys=(), config_mode=0o600, wait_handshake=True):
         self.directory = directory
         self.host = host
+        self.procs, self.links, self.taps = [], [], []
+        self.server = self.client = None
         self.echo = EchoServer(echo_host or host)
-        self.server_keys, self.client_keys = keypair(), keypair()
-        self.server_port = free_udp_port(host)
-        server_cfg = {
-            "listen_addr": addr_text(host, self.server_port),
-            "upstream_addr": self.echo.text,
-            "server_private_key": self.server_keys[0],
-            "client_public_keys": [self.client_keys[1]],
-        }
-        server_cfg.update(server or {})
-        self.server_config = write_config(directory, {"mode": "server", "server": server_cfg}, "server.json")
-        self.server = MpudpProcess(self.server_config)
-        self.server.wait_for_line("server listening on")
-        target = (host, self.server_port)
-        self.links = [LinkEmulator(target, listen=(host, 0), seed=i).start() for i in range(links)] if emulate else []
-        remotes = [addr_text(*link.address[:2]) for link in self.links] or [addr_text(*target)] * links
-        self.client_port = free_udp_port(host)
-        client_cfg = {
-            "listen_addr": addr_text(host, self.client_port),
-            "links": [{"remote_addr": r} for r in remotes],
-            "heartbeat_interval_sec": 0.2,
-            "client_private_key": self.client_keys[0],
-            "server_public_key": self.server_keys[1],
-        }
-        client_cfg.update(client or {})
-        self.client_cfg = client_cfg
-        self.client_config = write_config(directory, {"mode": "client", "client": client_cfg}, "client.json")
-        self.client = MpudpProcess(self.client_config)
-        self.client.wait_for_line("handshake done")
+        try:
+            self.server_keys, self.client_keys = keypair(), keypair()
+            self.server_port = free_udp_port(host)
+            if taps:
+                self.taps = [Tap(self.server_addr, host) for _ in range(links)]
+                remotes = [tap.text for tap in self.taps]
+            elif emulate:
+                self.links = [LinkEmulator(self.server_addr, listen=(host, 0), seed=i).start() for i in range(links)]
+                remotes = [addr_text(*link.address[:2]) for link in self.links]
+            else:
+                remotes = [addr_text(*self.server_addr)] * links
+            server_cfg = {
+                "listen_addr": addr_text(host, self.server_port),
+                "upstream_addr": self.echo.text,
+                "server_private_key": self.server_keys[0],
+                "client_public_keys": [self.client_keys[1]] + list(extra_client_keys),
+            }
+            server_cfg.update(server or {})
+            self.server_config = write_config(directory, {"mode": "server", "server": server_cfg}, "server.json")
+            self.client_port = free_udp_port(host)
+            client_cfg = {
+                "listen_addr": addr_text(host, self.client_port),
+                "links": [{"remote_addr": r} for r in remotes] + list(extra_links),
+                "heartbeat_interval_sec": 0.2,
+                "client_private_key": self.client_keys[0],
+                "server_public_key": self.server_keys[1],
+            }
+            client_cfg.update(client or {})
+            self.client_cfg = client_cfg
+            self.client_config = write_config(directory, {"mode": "client", "client": client_cfg}, "client.json")
+            for path in (self.server_config, self.client_config):
+                os.chmod(path, config_mode)
+            self.start_server()
+            self.start_client(wait_handshake)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def server_addr(self):
+        return (self.host, self.server_port)
 
     @property
     def client_address(self):
         return (self.host, self.client_port)
 
+    @property
+    def tap(self):
+        return self.taps[0]
+
+    @property
+    def client_secret(self):
+        return static_secret(self.client_keys, self.server_keys)
+
+    def spawn(self, config_path):
+        """An mpudp process on `config_path`, stopped by close()."""
+        process = MpudpProcess(config_path)
+        self.procs.append(process)
+        return process
+
+    def start_server(self):
+        self.server = self.spawn(self.server_config)
+        self.server.wait_for_line("server listening on")
+
+    def start_client(self, wait_handshake=True):
+        self.client = self.spawn(self.client_config)
+        if wait_handshake:
+            self.client.wait_for_line("handshake done")
+
     def app_socket(self, timeout=WAIT_S):
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        s = socket.socket(family, socket.SOCK_DGRAM)
-        s.bind((self.host, 0))
-        s.settimeout(timeout)
-        return s
+        return udp_socket(self.host, timeout=timeout)
 
     def round_trip(self, sock, payload, timeout=WAIT_S):
         """Send until an echo of `payload` comes back (the first datagrams may race the handshake)."""
-        deadline = time.monotonic() + timeout
-        sock.settimeout(0.25)
-        while time.monotonic() < deadline:
-            sock.sendto(payload, self.client_address)
-            try:
-                while True:
-                    data, _ = sock.recvfrom(65536)
-                    if data == payload:
-                        return data
-            except socket.timeout:
-                continue
-        raise AssertionError("no echo of %r within %ss" % (payload[:20], timeout))
+        round_trip(sock, self.client_address, payload, timeout)
+        return payload
 
     def close(self):
-        codes = {"client": self.client.stop(), "server": self.server.stop()}
-        for link in self.links:
+        """Stop everything; the exit status of the client and of the server."""
+        codes = {}
+        for process in reversed(self.procs):
+            code = process.stop()
+            if process is self.client:
+                codes["client"] = code
+            elif process is self.server:
+                codes["server"] = code
+        for link in self.links + self.taps:
             link.close()
         self.echo.close()
         return codes
@@ -403,6 +384,350 @@ def relay_pair(tmp_path):
     yield make
     for pair in made:
         pair.close()
+
+
+@pytest.fixture
+def tapped_pair(relay_pair):
+    """A factory for RelayPairs whose links go through Taps, heartbeats every 0.1 s unless
+    `client` says otherwise: tapped_pair(links=2, client={...}, server={...}, ...)."""
+    def make(links=2, client=None, **kwargs):
+        client = dict({"heartbeat_interval_sec": 0.1}, **(client or {}))
+        return relay_pair(links=links, taps=True, client=client, **kwargs)
+    return make
+
+
+# -- mpudp in this process ---------------------------------------------------
+
+
+class InProcess:
+    """mpudp Servers and Clients in this process, on one Reactor, and the sockets around them.
+
+    `clock`: a FakeClock the test moves (timers fire only when it does), or None for
+    real time.  `getaddrinfo`: the Resolver's look-up, a stub the test steers (default:
+    the system's).  `heartbeat_s`: every client's heartbeat_interval_sec unless a test
+    gives its own (default: mpudp's).
+
+    The upstream is a socket on the same reactor that records every datagram, as
+    (data, source), in `upstream_seen` and echoes it back while `echo_upstream` is
+    true.  `app` is the application's socket (non-blocking; the test reads it, the
+    reactor does not).  Clients and servers share one log text (`log_text()`), with a
+    Log each (the reactor's is the clients').
+
+    Stepping: pump() is one pass of the loop; run() moves a fake clock on; run_until()
+    runs until a condition holds, on the harness's clock; settle() pumps with a fake
+    clock standing still (loopback delivery is not instant on a loaded machine).
+    """
+
+    def __init__(self, clock=None, getaddrinfo=None, heartbeat_s=None):
+        self.clock = clock
+        time_source = clock if clock is not None else time.monotonic
+        self.log_stream = io.StringIO()
+        self.log = mpudp.Log(stream=self.log_stream, clock=time_source)
+        self.server_log = mpudp.Log(stream=self.log_stream, clock=time_source)
+        self.reactor = mpudp.Reactor(clock=time_source, log=self.log)
+        self.resolver = (mpudp.Resolver(self.reactor) if getaddrinfo is None
+                         else mpudp.Resolver(self.reactor, getaddrinfo=getaddrinfo))
+        self.heartbeat_s = heartbeat_s
+        self.server_keys, self.client_keys = keypair(), keypair()
+        self.servers, self.clients, self.emulators, self.sockets = [], [], [], []
+        self.server = self.client = None  # the first server, the latest client
+        self.client_cfg = None  # the latest client's configuration
+        self.upstream = self.socket()
+        self.upstream_seen = []  # (data, source)
+        self.echo_upstream = True
+        self.reactor.add_reader(self.upstream, self._on_upstream)
+        self.app = self.socket()
+
+    # -- building ------------------------------------------------------------
+
+    def socket(self):
+        """A non-blocking loopback UDP socket, closed with the harness."""
+        sock = udp_socket(blocking=False)
+        self.sockets.append(sock)
+        return sock
+
+    def _on_upstream(self):
+        for data, source in drain(self.upstream):
+            self.upstream_seen.append((data, source))
+            if self.echo_upstream:
+                self.upstream.sendto(data, source)
+
+    def upstream_payloads(self):
+        return [data for data, _source in self.upstream_seen]
+
+    def server_section(self, **overrides):
+        cfg = {"listen_addr": "127.0.0.1:0", "upstream_addr": "%s:%d" % self.upstream.getsockname(),
+               "server_private_key": self.server_keys[0], "client_public_keys": [self.client_keys[1]]}
+        cfg.update(overrides)
+        return mpudp.parse_config({"mode": "server", "server": cfg}).section
+
+    def add_server(self, **overrides):
+        server = mpudp.Server(self.server_section(**overrides), self.reactor, self.server_log, self.resolver)
+        server.start()
+        self.servers.append(server)
+        self.server = self.server or server
+        return server
+
+    def client_config(self, links=None, **overrides):
+        """A client's configuration: `links` are remote addresses or link objects (default: one
+        link to the first server)."""
+        if links is None:
+            links = [addr_text(*self.address_of(self.server))]
+        cfg = {"listen_addr": "127.0.0.1:0",
+               "links": [link if isinstance(link, dict) else {"remote_addr": link} for link in links],
+               "client_private_key": self.client_keys[0], "server_public_key": self.server_keys[1]}
+        if self.heartbeat_s is not None:
+            cfg["heartbeat_interval_sec"] = self.heartbeat_s
+        cfg.update(overrides)
+        return cfg
+
+    def client_section(self, links=None, **overrides):
+        return mpudp.parse_config({"mode": "client", "client": self.client_config(links, **overrides)}).section
+
+    def add_client(self, links=None, **overrides):
+        """A started Client (now `self.client`) with client_config(links, **overrides)."""
+        return self.start_client(self.client_config(links, **overrides))
+
+    def start_client(self, cfg=None):
+        """A started Client on `cfg` (default: the latest client's configuration again)."""
+        self.client_cfg = cfg if cfg is not None else self.client_cfg
+        section = mpudp.parse_config({"mode": "client", "client": self.client_cfg}).section
+        self.client = mpudp.Client(section, self.reactor, self.log, self.resolver)
+        self.clients.append(self.client)
+        self.client.start()
+        return self.client
+
+    def add_emulator(self, target):
+        emulator = LinkEmulator(target, seed=len(self.emulators)).start()
+        self.emulators.append(emulator)
+        return emulator
+
+    def connect(self, server=None, client=None):
+        """A server and a client with one link to it, heartbeats every 0.2 s unless `client`
+        says otherwise; returns once both hold the epoch and the link is up."""
+        self.add_server(**(server or {}))
+        self.add_client(**dict({"heartbeat_interval_sec": 0.2}, **(client or {})))
+        assert self.run_until(lambda: self.client.epoch is not None and self.peer.epoch is not None
+                              and self.client.links[0].health.up and self.peer.heartbeats, 5.0), self.log_text()
+        return self
+
+    @staticmethod
+    def address_of(server):
+        return tuple(server.listen_sock.getsockname()[:2])
+
+    @property
+    def server_addr(self):
+        return self.address_of(self.server)
+
+    @property
+    def peer(self):
+        return self.server.peers[0]
+
+    @property
+    def client_addr(self):
+        return self.client.listen_sock.getsockname()
+
+    @property
+    def link_addr(self):
+        return (LOOPBACK, self.client.links[0].sock.getsockname()[1])
+
+    # -- stepping ------------------------------------------------------------
+
+    def pump(self, wait=0.0):
+        """One pass of the loop; `wait` real seconds at most for a socket if no timer is due.
+        The upstream is read after the pass too, so what the pass forwarded is seen at once."""
+        self.reactor.run_once(wait)
+        self._on_upstream()
+
+    def run(self, seconds, step=0.01):
+        """Move the fake clock on by `seconds` in `step`s, a pass of the loop each."""
+        end = self.clock.now + seconds
+        while self.clock.now < end:
+            self.clock.advance(min(step, end - self.clock.now))
+            self.pump()
+
+    def run_until(self, predicate, seconds, step=0.01):
+        """Run until predicate(), for `seconds` at most on the harness's clock (a fake one
+        moved on by `step` a pass); False if it never holds."""
+        if self.clock is None:
+            deadline = time.monotonic() + seconds
+            while not predicate():
+                if time.monotonic() >= deadline:
+                    return False
+                self.pump(step)
+            return True
+        end = self.clock.now + seconds
+        while not predicate():
+            if self.clock.now >= end:
+                return False
+            self.clock.advance(step)
+            self.pump(0.002)
+        return True
+
+    def wait_for(self, predicate, what, timeout=WAIT_S):
+        """run_until(predicate), or fail the test naming `what`, with the log's tail."""
+        if not self.run_until(predicate, timeout, 0.05):
+            raise AssertionError("not within %ss: %s\nlog:\n%s" % (timeout, what, self.log_text()[-3000:]))
+
+    def settle(self, predicate, timeout=WAIT_S):
+        """Pump, a fake clock standing still, until predicate(); False if it never holds."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                return False
+            self.pump(0.005)
+        return True
+
+    def round_trip(self, payload, timeout=None):
+        """Send `payload` from the app socket until its echo comes back; the real seconds that took,
+        or the test fails.  On a fake clock it is sent once and the clock moved on by 1 ms a pass,
+        2 s at most; in real time it is sent again every 0.25 s, `timeout` (WAIT_S) at most."""
+        start = time.monotonic()
+        got = []
+
+        def echoed():
+            got.extend(data for data, _ in drain(self.app))
+            return payload in got
+
+        if self.clock is not None:
+            self.app.sendto(payload, self.client_addr)
+            if self.run_until(echoed, timeout or 2.0, 0.001):
+                return time.monotonic() - start
+        else:
+            deadline = start + (timeout or WAIT_S)
+            while time.monotonic() < deadline:
+                self.app.sendto(payload, self.client_addr)
+                if self.run_until(echoed, min(0.25, deadline - time.monotonic()), 0.005):
+                    return time.monotonic() - start
+        raise AssertionError("no echo of %r within %ss\nlog:\n%s" % (payload, timeout, self.log_text()[-3000:]))
+
+    # -- looking -------------------------------------------------------------
+
+    def drops(self):
+        return sum(self.server.counters.values()), sum(self.client.counters.values())
+
+    def log_text(self):
+        return self.log_stream.getvalue()
+
+    def log_count(self, text):
+        return sum(1 for line in self.log_text().splitlines() if text in line)
+
+    def close(self):
+        for client in self.clients:
+            client.close()
+        for server in self.servers:
+            server.close()
+        self.resolver.close()
+        self.reactor.close()
+        for emulator in self.emulators:
+            emulator.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+class ServerBench(InProcess):
+    """A Server alone in this process, in real time; the test is the client, with one UDP
+    socket per link (`links[i]`) and keys from a real handshake (`epoch`), and answers for
+    the upstream by hand (`replies`): the upstream records, it does not echo."""
+
+    def __init__(self, links=3):
+        InProcess.__init__(self)
+        self.echo_upstream = False
+        self.add_server()
+        self.secret = static_secret(self.client_keys, self.server_keys)
+        self.links = [self.socket() for _ in range(links)]
+        self.epoch = self.handshake()
+
+    def handshake(self):
+        """HELLO -> COOKIE, HELLO with the cookie -> WELCOME, each answer checked."""
+        static = mpudp.StaticKeys(self.secret)
+        nonce = os.urandom(mpudp.NONCE_SIZE)
+        cookie = bytes(mpudp.NONCE_SIZE)
+        sock = self.links[0]
+        for _ in range(2):
+            sock.sendto(seal_hello(static, 0, nonce, cookie), self.server_addr)
+            got = []
+            assert self.settle(lambda: got.extend(drain(sock)) or got)
+            packet = got[0][0]
+            assert mpudp.verify(static.welcome_mac, packet, len(packet))
+            _nonce, value = mpudp.WELCOME_PAYLOAD.unpack_from(packet, mpudp.HEADER_SIZE)
+            if packet[0] & mpudp.TYPE_MASK == mpudp.TYPE_WELCOME:
+                return mpudp.Epoch(self.secret, nonce, value, is_client=True)
+            cookie = value
+        raise AssertionError("no WELCOME")
+
+    def send(self, link, type_flags, payload=b"", seq=None, mac=None):
+        """A packet as the client would send it on `link`; its sequence number."""
+        epoch = self.epoch
+        if seq is None:
+            epoch.tx_seq += 1
+            seq = epoch.tx_seq
+        packet = mpudp.seal(mac or epoch.tx_mac, type_flags, link, 0, 7, epoch.nonce_base | seq,
+                            payload or mpudp.HEARTBEAT_PAYLOAD.pack(seq, 0))
+        self.links[link].sendto(packet, self.server_addr)
+        return seq
+
+    def taken(self):
+        """How many packets the server has taken in: forwarded or counted as dropped."""
+        return self.peer.packets + sum(self.server.counters.values())
+
+    def until_taken(self, count):
+        """Pump until the server has taken `count` packets in."""
+        assert self.settle(lambda: self.taken() >= count)
+
+    def replies(self, payload, expected):
+        """Send `payload` from the upstream to the session and wait until it came back on
+        the `expected` links; {link: [packets]} of what arrived on every link by then."""
+        session_source = self.upstream_seen[0][1]
+        self.upstream.sendto(payload, session_source)
+        got = {}
+
+        def arrived():
+            for i, sock in enumerate(self.links):
+                for data, _ in drain(sock):
+                    if data[0] & mpudp.TYPE_MASK == mpudp.TYPE_DATA:
+                        got.setdefault(i, []).append(data)
+            return set(expected) <= set(got)
+
+        assert self.settle(arrived), got
+        return got
+
+
+@pytest.fixture
+def in_process():
+    """A factory for InProcess (its keyword arguments); each is closed at the end of the test,
+    which then fails if a reactor callback raised (the reactor swallows and counts them)."""
+    made = []
+
+    def make(**kwargs):
+        harness = InProcess(**kwargs)
+        made.append(harness)
+        return harness
+
+    yield make
+    for harness in made:
+        harness.close()
+    for harness in made:
+        assert dict(harness.reactor.errors) == {}, harness.log_text()[-3000:]
+
+
+@pytest.fixture
+def rig(in_process):
+    """A factory for an in-process server and client on a fake clock, connected:
+    rig(server={...}, client={...}) (see InProcess.connect)."""
+    def make(server=None, client=None):
+        return in_process(clock=FakeClock()).connect(server, client)
+    return make
+
+
+@pytest.fixture
+def bench():
+    """A ServerBench with three links, closed at the end of the test (which then fails if a
+    reactor callback raised)."""
+    bench = ServerBench()
+    yield bench
+    bench.close()
+    assert dict(bench.reactor.errors) == {}, bench.log_text()[-3000:]
 
 
 # -- network namespaces ------------------------------------------------------
@@ -493,7 +818,7 @@ class NetNs:
         subprocess.run(["ip", "netns", "del", self.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-# -- the slow scenarios on some Pythons only -----------------------------------
+# -- the slow scenarios on some Pythons only ---------------------------------
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,8 +4,6 @@ Loopback only; every wait is bounded and waits on an event (a reply, a
 condition variable) rather than sleeping.
 """
 
-import os
-import selectors
 import socket
 import sys
 import threading
@@ -13,92 +11,11 @@ import time
 
 import pytest
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
-from linkemu import LinkEmulator  # noqa: E402
+from conftest import ipv6_available
+from helpers import EchoServer
+from linkemu import LinkEmulator
 
 TIMEOUT = 5.0  # upper bound for any single wait
-
-
-def _ipv6_loopback_available():
-    try:
-        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    except OSError:
-        return False
-    try:
-        s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-class EchoServer(object):
-    """UDP server in a thread: records every datagram, optionally echoes it."""
-
-    def __init__(self, host="127.0.0.1", port=0, reply=True):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.bind((host, port))
-        self.sock.setblocking(False)
-        self.address = tuple(self.sock.getsockname()[:2])
-        self.reply = reply
-        self.received = []  # (payload, source address)
-        self.cond = threading.Condition()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self.thread = threading.Thread(target=self._run, name="echo-%d" % self.address[1])
-        self.thread.daemon = True
-        self.thread.start()
-
-    def _run(self):
-        sel = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ, "sock")
-        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        try:
-            while True:
-                for key, _ in sel.select():
-                    if key.data == "wake":
-                        return
-                    while True:
-                        try:
-                            data, addr = self.sock.recvfrom(65535)
-                        except (BlockingIOError, InterruptedError):
-                            break
-                        except OSError:
-                            break
-                        with self.cond:
-                            self.received.append((data, tuple(addr[:2])))
-                            self.cond.notify_all()
-                        if self.reply:
-                            try:
-                                self.sock.sendto(data, addr)
-                            except OSError:
-                                pass
-        finally:
-            sel.close()
-            self.sock.close()
-
-    def wait_count(self, n, timeout=TIMEOUT):
-        with self.cond:
-            return self.cond.wait_for(lambda: len(self.received) >= n, timeout)
-
-    def payloads(self):
-        with self.cond:
-            return [d for d, _ in self.received]
-
-    def sources(self):
-        with self.cond:
-            return [a for _, a in self.received]
-
-    def close(self):
-        if self.thread.is_alive():
-            self._wake_w.send(b"x")
-            self.thread.join(TIMEOUT)
-        self._wake_r.close()
-        self._wake_w.close()
 
 
 @pytest.fixture
@@ -193,7 +110,7 @@ def test_loss_down_drops_replies_only(echo, client):
         for i in range(n):
             client.sendto(b"y%d" % i, emu.address)
         assert emu.wait_for(lambda c: c["down_dropped"] == n, TIMEOUT), emu.counters
-        assert echo.wait_count(n)
+        assert echo.wait_count(n, TIMEOUT)
         assert sorted(echo.payloads()) == sorted(b"y%d" % i for i in range(n))
         c = emu.counters
         assert c["up_out"] == n and c["down_in"] == n and c["down_out"] == 0
@@ -286,7 +203,7 @@ def _seeded_loss_run(seed, n=400):
     """Send n datagrams through loss_up=0.5; return the set of indices that
     reached the server. Sending is paced on the emulator's up_in counter so the
     kernel never drops anything and only the emulator's RNG decides."""
-    server = EchoServer(reply=False)
+    server = EchoServer(echo=False)
     sock = make_client()
     try:
         with LinkEmulator(server.address, seed=seed) as emu:
@@ -297,7 +214,7 @@ def _seeded_loss_run(seed, n=400):
             assert emu.wait_for(
                 lambda c: c["up_out"] + c["up_dropped"] == n, TIMEOUT), emu.counters
             c = emu.counters
-            assert server.wait_count(c["up_out"])
+            assert server.wait_count(c["up_out"], TIMEOUT)
             delivered = set(int(p) for p in server.payloads())
             assert len(delivered) == c["up_out"] == n - c["up_dropped"]
             return delivered
@@ -318,7 +235,7 @@ def test_seeded_loss_is_reproducible_and_about_half():
 
 
 def test_ipv6_loopback():
-    if not _ipv6_loopback_available():
+    if not ipv6_available():
         pytest.skip("cannot bind ::1 (IPv6 loopback unavailable)")
     server = EchoServer(host="::1")
     sock = make_client("::1")
@@ -326,7 +243,7 @@ def test_ipv6_loopback():
         with LinkEmulator(server.address, listen=("::1", 0)) as emu:
             assert emu.address[0] == "::1"
             assert roundtrip(sock, emu, b"v6") == b"v6"
-            assert server.sources()[0][0] == "::1"
+            assert server.received[0][1][0] == "::1"
         # Mixed families: IPv4 listen side, IPv6 server side.
         sock4 = make_client()
         try:
@@ -402,7 +319,7 @@ def test_per_peer_mapping_bounded_lru(echo):
     def rt(i, tag):
         payload = b"c%d-%s" % (i, tag)
         assert roundtrip(clients[i], emu, payload) == payload  # reply to the right client
-        return echo.sources()[-1]  # upstream source the server saw
+        return echo.received[-1][1]  # upstream source the server saw
 
     try:
         with LinkEmulator(echo.address, max_peers=2) as emu:

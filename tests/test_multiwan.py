@@ -31,7 +31,6 @@ shows them.
 """
 
 import errno
-import io
 import json
 import os
 import re
@@ -44,11 +43,11 @@ import time
 
 import pytest
 
-from conftest import (  # noqa: E402  (conftest puts the repo root on sys.path)
-    MPUDP, ROOT, WAIT_S, EchoServer, FakeClock, MpudpProcess, NetNs, free_udp_port, keypair, needs_ipv6, write_config,
+import mpudp
+from conftest import (
+    MPUDP, ROOT, FakeClock, InProcess, MpudpProcess, NetNs, free_udp_port, keypair, needs_ipv6, write_config,
 )
-
-import mpudp  # noqa: E402
+from helpers import WAIT_S, App, EchoServer, reporter, wait_for_last, wait_until
 
 SERVER_IP = "10.211.9.9"  # on the server namespace's lo, reachable by both veth pairs
 # client-side interface: (its address, the server-side peer, the peer's address, gateway, route metric)
@@ -59,38 +58,9 @@ WANS = {
 SOURCE = {"vethA": "10.211.1.1", "vethB": "10.211.2.1"}
 RETURN_PATH = ("return path link", "replies now go by link")  # the server's lines naming where replies go
 HEARTBEAT_S = 0.1
-POLL_S = 0.02
 STREAM_PACKETS, STREAM_SIZE = 200, 1000  # a data stream the interface counters cannot miss
 
-
-def report(text):
-    sys.stdout.write("\n[multiwan] %s\n" % text)
-
-
-def wait_until(predicate, what, timeout=WAIT_S):
-    """Poll `predicate` every POLL_S (for state with no event to wait on); its last true value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("not within %ss: %s" % (timeout, what))
-        time.sleep(POLL_S)
-
-
-def wait_for_last(process, markers, wanted, start=0, timeout=WAIT_S):
-    """Wait until, from line `start` on, the last line of `process` containing one of `markers`
-    contains `wanted`; fails the test if it does not."""
-    def last_has():
-        lines = [line for line in process.lines[start:] if any(m in line for m in markers)]
-        return bool(lines) and wanted in lines[-1]
-
-    with process.cond:
-        if process.cond.wait_for(last_has, timeout):
-            return
-    raise AssertionError("the last %s line is not about %r within %ss; output:\n%s" % (
-        markers, wanted, timeout, "\n".join(process.lines[-40:])))
+report = reporter("multiwan")
 
 
 def read_score_file(path):
@@ -107,57 +77,6 @@ def wait_for_status(path, predicate, what):
         status = read_score_file(path)
         return status if status is not None and predicate(status) else None
     return wait_until(check, what)
-
-
-class App:
-    """A local application: sends payloads through the client and waits for their echoes."""
-
-    def __init__(self, target, host="127.0.0.1"):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.target = target
-        self.n = 0
-
-    def _wait_for(self, payload, seconds):
-        until = time.monotonic() + seconds
-        while True:
-            remaining = until - time.monotonic()
-            if remaining <= 0:
-                return False
-            self.sock.settimeout(remaining)
-            try:
-                data, _ = self.sock.recvfrom(65536)
-            except socket.timeout:
-                return False
-            if data == payload:
-                return True
-
-    def probe(self, prefix, interval=0.05, timeout=WAIT_S):
-        """Send a fresh payload every `interval` until one is echoed; the seconds it took."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            payload = ("%s:%d" % (prefix, self.n)).encode()
-            self.n += 1
-            self.sock.sendto(payload, self.target)
-            if self._wait_for(payload, interval):
-                return time.monotonic() - start
-        raise AssertionError("no echo for %r within %ss" % (prefix, timeout))
-
-    def stream(self, prefix, count=STREAM_PACKETS, size=STREAM_SIZE, timeout=WAIT_S):
-        """`count` datagrams of `size` bytes, one at a time, each (re)sent until it is echoed:
-        every one of them crossed the link at least once."""
-        deadline = time.monotonic() + timeout
-        for i in range(count):
-            payload = ("%s:%06d:" % (prefix, i)).encode().ljust(size, b".")
-            while True:
-                assert time.monotonic() < deadline, "stream %r: %d of %d echoed in %ss" % (prefix, i, count, timeout)
-                self.sock.sendto(payload, self.target)
-                if self._wait_for(payload, 0.25):
-                    break
-
-    def close(self):
-        self.sock.close()
 
 
 # -- two uplinks between two namespaces -------------------------------------------
@@ -277,7 +196,7 @@ def assert_stream_leaves_by(wans, prefix, interface, other=None):
     nothing (heartbeats) by `other`."""
     names = (interface,) + ((other,) if other else ())
     before = wans.counters(*names)
-    wans.app.stream(prefix)
+    wans.app.stream(prefix, STREAM_PACKETS, STREAM_SIZE)
     grew = growth(before, wans.counters(*names), "tx_bytes")
     assert grew[interface] >= STREAM_PACKETS * STREAM_SIZE, grew
     if other:
@@ -575,19 +494,10 @@ def test_interface_made_again_between_two_checks_in_process(tmp_path):
     try:
         def scenario():
             ns.add_veth("ppp9", "10.211.3.1/24", ns, "peer9", "10.211.3.2/24")
-            clock = FakeClock()
-            logbuf = io.StringIO()
-            log = mpudp.Log(stream=logbuf, clock=clock)
-            reactor = mpudp.Reactor(clock=clock, log=log)
-            resolver = mpudp.Resolver(reactor)
-            server_keys, client_keys = keypair(), keypair()
-            section = mpudp.parse_config({"mode": "client", "client": {
-                "listen_addr": "127.0.0.1:0", "links": [{"remote_addr": "10.211.3.2:9", "bind_interface": "ppp9"}],
-                "heartbeat_interval_sec": HEARTBEAT_S, "client_private_key": client_keys[0],
-                "server_public_key": server_keys[1]}}).section
-            client = mpudp.Client(section, reactor, log, resolver)
+            harness = InProcess(clock=FakeClock())
             try:
-                client.start()
+                client = harness.add_client([{"remote_addr": "10.211.3.2:9", "bind_interface": "ppp9"}],
+                                            heartbeat_interval_sec=HEARTBEAT_S)
                 link = client.links[0]
                 old_sock, old_index = link.sock, link.ifindex
                 assert old_sock is not None and old_index == socket.if_nametoindex("ppp9")
@@ -600,10 +510,10 @@ def test_interface_made_again_between_two_checks_in_process(tmp_path):
                 assert info.value.errno == errno.ENODEV
 
                 client.evaluate()  # the heartbeat-interval check: a new index
-                assert link.sock is None and link.waiting == "interface ppp9 went away", logbuf.getvalue()
+                assert link.sock is None and link.waiting == "interface ppp9 went away", harness.log_text()
                 assert old_sock.fileno() == -1  # closed
                 assert "link 0 (10.211.3.2:9): interface ppp9 went away; the link is down until it is back" \
-                    in logbuf.getvalue()
+                    in harness.log_text()
                 assert client.status()["links"][0]["waiting"] == "interface ppp9 went away"
 
                 client.evaluate()  # the next check: made again, on the new interface
@@ -611,12 +521,10 @@ def test_interface_made_again_between_two_checks_in_process(tmp_path):
                 assert link.sock.getsockopt(socket.SOL_SOCKET, mpudp.SO_BINDTODEVICE, 16).rstrip(b"\0") == b"ppp9"
                 link.sock.sendto(b"x", ("10.211.3.2", 9))  # no ENODEV: the new socket can send
                 assert ("link 0 (10.211.3.2:9): its socket is ready again (interface ppp9 went away was the "
-                        "trouble)") in logbuf.getvalue()
+                        "trouble)") in harness.log_text()
                 assert "waiting" not in client.status()["links"][0]
             finally:
-                client.close()
-                resolver.close()
-                reactor.close()
+                harness.close()
 
         ns.inside(scenario)
     finally:

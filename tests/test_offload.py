@@ -305,69 +305,58 @@ def test_gro_segment_size_reads_the_control_message():
 
 
 @linux_offload
-def test_a_burst_through_the_relay_arrives_whole_and_in_order():
+def test_a_burst_through_the_relay_arrives_whole_and_in_order(rig):
     """64 datagrams at once from an application: the client seals them into one batch for
     the link, the server takes them in with one coalesced receive and hands them to the
     upstream in one call, the replies go back the same way; the application gets each
     reply once, in order."""
-    from test_hostile import Rig
+    r = rig()
+    sent = [b"burst-%03d-" % i + b"x" * 1000 for i in range(64)]
+    for payload in sent:
+        r.app.sendto(payload, r.client_addr)
+    got = []
 
-    rig = Rig()
-    try:
-        sent = [b"burst-%03d-" % i + b"x" * 1000 for i in range(64)]
-        for payload in sent:
-            rig.app.sendto(payload, rig.client_addr)
-        got = []
+    def all_back():
+        while True:
+            try:
+                got.append(r.app.recv(65536))
+            except BlockingIOError:
+                return len(got) >= len(sent)
 
-        def all_back():
-            while True:
-                try:
-                    got.append(rig.app.recv(65536))
-                except BlockingIOError:
-                    return len(got) >= len(sent)
-
-        assert rig.settle(all_back), "%d of %d replies" % (len(got), len(sent))
-        assert got == sent
-        assert rig.upstream_seen == sent
-        # Each hop batched: app -> link (client), link -> upstream and upstream -> link
-        # (server), link -> app (client).
-        assert rig.client.data._batch.gso_sends >= 1 and rig.server.data._batch.gso_sends >= 1
-        assert rig.server.data._upstream_batch.gso_sends >= 1 and rig.client.data._app_batch.gso_sends >= 1
-        assert rig.server.counters.get("auth", 0) == 0 and rig.client.counters.get("auth", 0) == 0
-    finally:
-        rig.close()
+    assert r.settle(all_back), "%d of %d replies" % (len(got), len(sent))
+    assert got == sent
+    assert r.upstream_payloads() == sent
+    # Each hop batched: app -> link (client), link -> upstream and upstream -> link
+    # (server), link -> app (client).
+    assert r.client.data._batch.gso_sends >= 1 and r.server.data._batch.gso_sends >= 1
+    assert r.server.data._upstream_batch.gso_sends >= 1 and r.client.data._app_batch.gso_sends >= 1
+    assert r.server.counters.get("auth", 0) == 0 and r.client.counters.get("auth", 0) == 0
 
 
 @linux_offload
-def test_interleaved_bursts_of_two_applications_stay_apart():
+def test_interleaved_bursts_of_two_applications_stay_apart(rig):
     """Two applications' datagrams alternate in one burst: a batch holds one session's
     packets in a row, so every change of session sends what was gathered; each application
     gets exactly its own replies, in order."""
-    from test_hostile import Rig, udp_socket
+    r = rig()
+    other = r.socket()
+    apps = [r.app, other]
+    sent = {0: [], 1: []}
+    for i in range(40):
+        which = (i // 3) % 2  # runs of three from each
+        payload = b"app%d-%03d-" % (which, i) + b"y" * 500
+        sent[which].append(payload)
+        apps[which].sendto(payload, r.client_addr)
+    got = {0: [], 1: []}
 
-    rig = Rig()
-    other = udp_socket(blocking=False)
-    try:
-        apps = [rig.app, other]
-        sent = {0: [], 1: []}
-        for i in range(40):
-            which = (i // 3) % 2  # runs of three from each
-            payload = b"app%d-%03d-" % (which, i) + b"y" * 500
-            sent[which].append(payload)
-            apps[which].sendto(payload, rig.client_addr)
-        got = {0: [], 1: []}
+    def all_back():
+        for which, app in enumerate(apps):
+            while True:
+                try:
+                    got[which].append(app.recv(65536))
+                except BlockingIOError:
+                    break
+        return all(len(got[w]) >= len(sent[w]) for w in got)
 
-        def all_back():
-            for which, app in enumerate(apps):
-                while True:
-                    try:
-                        got[which].append(app.recv(65536))
-                    except BlockingIOError:
-                        break
-            return all(len(got[w]) >= len(sent[w]) for w in got)
-
-        assert rig.settle(all_back), {w: len(got[w]) for w in got}
-        assert got == sent
-    finally:
-        other.close()
-        rig.close()
+    assert r.settle(all_back), {w: len(got[w]) for w in got}
+    assert got == sent

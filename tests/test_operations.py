@@ -1,12 +1,11 @@
 """End-to-end tests of mpudp's operation features: --status, --check, SIGUSR1, SIGHUP.
 
 Real client and server processes on loopback (conftest.RelayPair).  Every wait
-is on an event (a log line, an echo, a command's answer) with conftest.WAIT_S
+is on an event (a log line, an echo, a command's answer) with helpers.WAIT_S
 as the failure bound only; nothing sleeps for a fixed time to "let things
 settle".  The only sleep is the 10 ms pacing of the 100 pps sender.
 """
 
-import json
 import os
 import re
 import signal
@@ -18,7 +17,8 @@ import time
 
 import pytest
 
-from conftest import MPUDP, ROOT, WAIT_S, EchoServer, MpudpProcess, addr_text, free_udp_port, keypair, paced, write_config
+from conftest import MPUDP, ROOT, MpudpProcess, free_udp_port, keypair, read_json, wait_json, write_config
+from helpers import WAIT_S, EchoServer, Stream, addr_text
 
 
 # -- helpers -------------------------------------------------------------------
@@ -56,76 +56,6 @@ def signal_and_wait(process, sig, text):
 def rewrite(path, mode, section):
     """Rewrite a config file in place (same path, so SIGHUP re-reads it)."""
     write_config(os.path.dirname(path), {"mode": mode, mode: section}, os.path.basename(path))
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-class Streamer:
-    """Numbered datagrams at ~100 pps from one app socket to the client; collects the echoes."""
-
-    def __init__(self, pair, rate=100):
-        self.pair = pair
-        self.sock = pair.app_socket(timeout=0.2)
-        self.interval = 1.0 / rate
-        self.sent = []
-        self.echoed = []
-        self.cond = threading.Condition()
-        self._stop_sending = threading.Event()
-        self._stop_receiving = threading.Event()
-        self._sender = threading.Thread(target=self._send, daemon=True)
-        self._receiver = threading.Thread(target=self._receive, daemon=True)
-
-    def start(self):
-        self.pair.round_trip(self.sock, b"warm-up")  # the session exists before the numbered stream
-        self.sock.settimeout(0.2)
-        self._receiver.start()
-        self._sender.start()
-        return self
-
-    def _send(self):
-        for n, _ in enumerate(paced(self.interval, self._stop_sending)):
-            payload = b"seq %08d" % n
-            with self.cond:
-                self.sent.append(payload)
-            self.sock.sendto(payload, self.pair.client_address)
-
-    def _receive(self):
-        while not self._stop_receiving.is_set():
-            try:
-                data, _ = self.sock.recvfrom(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            if data.startswith(b"seq "):
-                with self.cond:
-                    self.echoed.append(data)
-                    self.cond.notify_all()
-
-    def echoes(self):
-        with self.cond:
-            return len(self.echoed)
-
-    def wait_echoes(self, count, timeout=WAIT_S):
-        with self.cond:
-            ok = self.cond.wait_for(lambda: len(self.echoed) >= count, timeout)
-        assert ok, "only %d of %d echoes within %ss" % (self.echoes(), count, timeout)
-
-    def stop(self, timeout=WAIT_S):
-        """Stop sending, wait (bounded) for the echoes of everything sent; (sent, echoed)."""
-        self._stop_sending.set()
-        self._sender.join(WAIT_S)
-        with self.cond:
-            sent = set(self.sent)
-            self.cond.wait_for(lambda: sent <= set(self.echoed), timeout)
-            result = (list(self.sent), list(self.echoed))
-        self._stop_receiving.set()
-        self._receiver.join(WAIT_S)
-        self.sock.close()
-        return result
 
 
 TABLE_HEADER_CLIENT = re.compile(r"\blink\s+address\s+state\s+srtt ms\s+loss%")
@@ -237,9 +167,9 @@ def test_sighup_reload_under_traffic_loses_nothing(relay_pair, tmp_path):
     score = str(tmp_path / "score.json")
     pair = relay_pair(client={"score_file": score})
     wait_running(pair.client)
-    stream = Streamer(pair).start()
+    stream = Stream(pair.client_address, warm_up=True)
     try:
-        stream.wait_echoes(100)
+        stream.wait_received(100)
 
         direct = addr_text(pair.host, pair.server_port)
         cfg = dict(pair.client_cfg)
@@ -248,7 +178,7 @@ def test_sighup_reload_under_traffic_loses_nothing(relay_pair, tmp_path):
         cfg.update(switch_threshold=40, loss_weight=3, debug=True)
         rewrite(pair.client_config, "client", cfg)
         start = len(pair.client.lines)
-        at_reload = stream.echoes()
+        at_reload = stream.received()
         pair.client.proc.send_signal(signal.SIGHUP)
 
         pair.client.wait_for_line("config reloaded from %s" % pair.client_config, start=start)
@@ -256,9 +186,9 @@ def test_sighup_reload_under_traffic_loses_nothing(relay_pair, tmp_path):
         pair.client.wait_for_line("link 2 (%s) up" % direct, start=added)
         pair.client.wait_for_line("DEBUG", start=start)
         pair.client.wait_for_line("srtt ms", start=start)  # the debug link table, every heartbeat
-        stream.wait_echoes(at_reload + 200)  # two more seconds of stream after the reload
+        stream.wait_received(at_reload + 200)  # two more seconds of stream after the reload
     finally:
-        sent, echoed = stream.stop()
+        sent, echoed = stream.stop_when_echoed()
 
     missing = set(sent) - set(echoed)
     assert not missing, "%d of %d datagrams lost across the reload, e.g. %r" % (
@@ -272,12 +202,7 @@ def test_sighup_reload_under_traffic_loses_nothing(relay_pair, tmp_path):
     # The in-place changes are what the client now reports.
     def reloaded(status):
         return len(status["links"]) == 3 and status["links"][2]["state"] == "up"
-    deadline = time.monotonic() + WAIT_S
-    status = read_json(score)
-    while not reloaded(status) and time.monotonic() < deadline:
-        time.sleep(0.1)
-        status = read_json(score)
-    assert reloaded(status), status
+    status = wait_json(score, reloaded, "three links, link 2 up")
     assert [link["priority"] for link in status["links"]] == [0, 7.5, 0]
     assert status["links"][2]["address"] == direct
     assert status["links"][0]["srtt_ms"] is not None  # link 0 kept its measurements
@@ -433,14 +358,10 @@ def test_sighup_removing_the_active_link_moves_the_traffic(relay_pair, tmp_path)
     score = str(tmp_path / "score.json")
     pair = relay_pair(client={"score_file": score})
     wait_running(pair.client)
-    stream = Streamer(pair).start()
+    stream = Stream(pair.client_address, warm_up=True)
     try:
-        stream.wait_echoes(50)
-        deadline = time.monotonic() + WAIT_S
-        status = read_json(score)
-        while not any(link["active"] for link in status["links"]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-            status = read_json(score)
+        stream.wait_received(50)
+        status = wait_json(score, lambda s: any(link["active"] for link in s["links"]), "an active link")
         active = [link["index"] for link in status["links"] if link["active"]]
         assert len(active) == 1, status
         kept = 1 - active[0]
@@ -454,134 +375,80 @@ def test_sighup_removing_the_active_link_moves_the_traffic(relay_pair, tmp_path)
         pair.client.wait_for_line("reload: link %d (%s) removed" % (active[0], removed_addr), start=start)
         pair.client.wait_for_line("first choice: link 0 (%s) carries the traffic" % kept_addr, start=start)
         pair.client.wait_for_line("config reloaded", start=start)
-        stream.wait_echoes(stream.echoes() + 100)  # the stream goes on over the kept link
+        stream.wait_received(stream.received() + 100)  # the stream goes on over the kept link
     finally:
-        sent, echoed = stream.stop()
+        sent, echoed = stream.stop_when_echoed()
     # Replies in flight on the removed link's socket may be lost; nothing else is.
     missing = set(sent) - set(echoed)
     assert len(missing) <= 5, "%d of %d lost" % (len(missing), len(sent))
-    deadline = time.monotonic() + WAIT_S
-    status = read_json(score)
-    while len(status["links"]) != 1 and time.monotonic() < deadline:
-        time.sleep(0.1)
-        status = read_json(score)
+    status = wait_json(score, lambda s: len(s["links"]) == 1, "one link")
     assert [(link["index"], link["address"], link["active"]) for link in status["links"]] == [(0, kept_addr, True)]
     assert pair.client.proc.poll() is None
 
 
-def test_reload_removing_a_link_whose_lookup_is_still_running():
+def test_reload_removing_a_link_whose_lookup_is_still_running(in_process):
     """A link removed by a reload while its DNS look-up hangs: the late answer is ignored, not an error."""
-    import mpudp  # in-process: Client, Reactor and a resolver stub the test controls
     release = threading.Event()
 
     def slow_getaddrinfo(host, port, *args):
         release.wait(WAIT_S)
         return [(socket.AF_INET, socket.SOCK_DGRAM, 0, "", ("127.0.0.1", port))]
 
-    reactor = mpudp.Reactor(log=mpudp.Log(stream=open(os.devnull, "w")))
-    resolver = mpudp.Resolver(reactor, getaddrinfo=slow_getaddrinfo)
-    server_private, server_public = keypair()
-    client_private, _ = keypair()
-
-    def client_config(links):
-        return mpudp.parse_config({"mode": "client", "client": {
-            "listen_addr": "127.0.0.1:0", "links": [{"remote_addr": r} for r in links],
-            "client_private_key": client_private, "server_public_key": server_public}}).section
-
-    client = mpudp.Client(client_config(["127.0.0.1:9", "relay.test:9"]), reactor, reactor.log, resolver)
+    harness = in_process(getaddrinfo=slow_getaddrinfo)  # a Client in this process, a resolver stub
     try:
-        client.start()
-        client.reconfigure(client_config(["127.0.0.1:9"]))  # relay.test is still being looked up
+        client = harness.add_client(["127.0.0.1:9", "relay.test:9"])
+        client.reconfigure(harness.client_section(["127.0.0.1:9"]))  # relay.test is still being looked up
         assert [link.endpoint.text for link in client.links] == ["127.0.0.1:9"]
         release.set()
-        deadline = time.monotonic() + WAIT_S
-        while resolver._in_flight and time.monotonic() < deadline:
-            reactor.run_once(0.05)
-        assert not resolver._in_flight, "the look-up never came back"
-        assert reactor.errors["callback"] == 0
+        assert harness.run_until(lambda: not harness.resolver._in_flight, WAIT_S, 0.05), \
+            "the look-up never came back"
+        assert harness.reactor.errors["callback"] == 0
         assert [link.endpoint.text for link in client.links] == ["127.0.0.1:9"]
     finally:
         release.set()
-        client.close()
-        resolver.close()
-        reactor.close()
 
 
-def test_reload_keeps_each_of_several_links_that_go_the_same_way():
+def test_reload_keeps_each_of_several_links_that_go_the_same_way(in_process):
     """Two links to one address with the same options (two sockets, two NAT mappings): a
     reload that keeps them keeps both, in order, with their sockets; one that drops the
     second retires exactly that one.  (They were matched by a dict key, so the second
     replaced the first: a new link was made and the old one kept running, unreferenced.)"""
-    import io
+    harness = in_process()  # a Client in this process: its links and their sockets are inspected
+    client = harness.add_client(["127.0.0.1:9", "127.0.0.1:9", "127.0.0.1:10"])
+    first, second, third = client.links
+    sockets = [link.sock for link in client.links]
+    assert len({id(s) for s in sockets}) == 3 and None not in sockets
+    mark = len(harness.log_text())
 
-    import mpudp  # in-process: the links and their sockets are inspected
+    client.reconfigure(harness.client_section(["127.0.0.1:9", "127.0.0.1:9", "127.0.0.1:10"], switch_threshold=40))
+    assert client.links == [first, second, third]
+    assert [link.sock for link in client.links] == sockets
+    assert [link.index for link in client.links] == [0, 1, 2]
+    assert "reload:" not in harness.log_text()[mark:]
 
-    log_stream = io.StringIO()
-    reactor = mpudp.Reactor(log=mpudp.Log(stream=log_stream))
-    resolver = mpudp.Resolver(reactor)
-    server_private, server_public = keypair()
-    client_private, _ = keypair()
-
-    def client_config(links, **extra):
-        return mpudp.parse_config({"mode": "client", "client": dict({
-            "listen_addr": "127.0.0.1:0", "links": [{"remote_addr": r} for r in links],
-            "client_private_key": client_private, "server_public_key": server_public}, **extra)}).section
-
-    client = mpudp.Client(client_config(["127.0.0.1:9", "127.0.0.1:9", "127.0.0.1:10"]), reactor, reactor.log,
-                          resolver)
-    try:
-        client.start()
-        first, second, third = client.links
-        sockets = [link.sock for link in client.links]
-        assert len({id(s) for s in sockets}) == 3 and None not in sockets
-        mark = len(log_stream.getvalue())
-
-        client.reconfigure(client_config(["127.0.0.1:9", "127.0.0.1:9", "127.0.0.1:10"], switch_threshold=40))
-        assert client.links == [first, second, third]
-        assert [link.sock for link in client.links] == sockets
-        assert [link.index for link in client.links] == [0, 1, 2]
-        assert "reload:" not in log_stream.getvalue()[mark:]
-
-        client.reconfigure(client_config(["127.0.0.1:9", "127.0.0.1:10"]))
-        assert client.links == [first, third] and [link.index for link in client.links] == [0, 1]
-        assert first.sock is sockets[0] and third.sock is sockets[2]
-        assert second.sock is None and not client.monitor.watching(second) and sockets[1].fileno() == -1  # retired
-        reload_lines = [line for line in log_stream.getvalue()[mark:].splitlines() if "reload:" in line]
-        assert len(reload_lines) == 1 and reload_lines[0].endswith("reload: link 1 (127.0.0.1:9) removed"), \
-            reload_lines
-    finally:
-        client.close()
-        resolver.close()
-        reactor.close()
+    client.reconfigure(harness.client_section(["127.0.0.1:9", "127.0.0.1:10"]))
+    assert client.links == [first, third] and [link.index for link in client.links] == [0, 1]
+    assert first.sock is sockets[0] and third.sock is sockets[2]
+    assert second.sock is None and not client.monitor.watching(second) and sockets[1].fileno() == -1  # retired
+    reload_lines = [line for line in harness.log_text()[mark:].splitlines() if "reload:" in line]
+    assert len(reload_lines) == 1 and reload_lines[0].endswith("reload: link 1 (127.0.0.1:9) removed"), \
+        reload_lines
 
 
-def test_reload_compares_a_bind_addr_as_an_address_not_as_text():
+def test_reload_compares_a_bind_addr_as_an_address_not_as_text(in_process):
     """"127.0.0.2" and "127.0.0.2:0" are the same binding: the link keeps its socket; a
     different port is a new one."""
-    import mpudp
+    harness = in_process()
 
-    reactor = mpudp.Reactor(log=mpudp.Log(stream=open(os.devnull, "w")))
-    resolver = mpudp.Resolver(reactor)
-    server_private, server_public = keypair()
-    client_private, _ = keypair()
+    def link(bind_addr):
+        return [{"remote_addr": "127.0.0.1:9", "bind_addr": bind_addr}]
 
-    def client_config(bind_addr):
-        return mpudp.parse_config({"mode": "client", "client": {
-            "listen_addr": "127.0.0.1:0", "links": [{"remote_addr": "127.0.0.1:9", "bind_addr": bind_addr}],
-            "client_private_key": client_private, "server_public_key": server_public}}).section
-
-    client = mpudp.Client(client_config("127.0.0.2"), reactor, reactor.log, resolver)
-    try:
-        client.start()
-        link, sock = client.links[0], client.links[0].sock
-        assert sock.getsockname()[0] == "127.0.0.2"
-        client.reconfigure(client_config("127.0.0.2:0"))
-        assert client.links == [link] and link.sock is sock
-        port = free_udp_port("127.0.0.2")
-        client.reconfigure(client_config("127.0.0.2:%d" % port))
-        assert client.links[0] is not link and client.links[0].sock.getsockname() == ("127.0.0.2", port)
-        assert sock.fileno() == -1
-    finally:
-        client.close()
-        resolver.close()
-        reactor.close()
+    client = harness.add_client(link("127.0.0.2"))
+    link0, sock = client.links[0], client.links[0].sock
+    assert sock.getsockname()[0] == "127.0.0.2"
+    client.reconfigure(harness.client_section(link("127.0.0.2:0")))
+    assert client.links == [link0] and link0.sock is sock
+    port = free_udp_port("127.0.0.2")
+    client.reconfigure(harness.client_section(link("127.0.0.2:%d" % port)))
+    assert client.links[0] is not link0 and client.links[0].sock.getsockname() == ("127.0.0.2", port)
+    assert sock.fileno() == -1

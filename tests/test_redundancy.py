@@ -19,76 +19,30 @@ datagram count growing by at least the stream's length, and "it does not" by
 growing by less than half of it (heartbeats alone: ~5 a second per link at the
 fixture's 0.2 s interval, up to ~20 a second with fast probes).
 
-Every wait is bounded (conftest.WAIT_S) and waits on an event (a log line, a
+Every wait is bounded (helpers.WAIT_S) and waits on an event (a log line, a
 datagram, a counter, a status file that says so); the only sleeps pace the
 stream and the polling of a status file (a file has no change notification).
 Figures are printed with `pytest -s`.
 """
 
-import collections
-import os
 import re
-import struct
-import sys
-import threading
 import time
 
 import pytest
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+import mpudp
+from conftest import active_index, read_json, wait_json
+from helpers import WAIT_S, Stream, line_count, lines_from, link_name, reporter
 
-import mpudp  # noqa: E402
-from conftest import WAIT_S, active_index, paced, read_json, wait_json  # noqa: E402
-
-SEQ = struct.Struct("!4sI")  # the stream's datagrams start with a 4-byte tag and a number
-
-
-def report(text):
-    """A figure for the README: shown with `pytest -s`, and in the log of a failing test."""
-    sys.stdout.write("\n[redundancy] %s\n" % text)
-    sys.stdout.flush()
+report = reporter("redundancy")
 
 
 # -- log lines ---------------------------------------------------------------
 
 
-def link_name(pair, index):
-    """How the client names a link in its log: "link 1 (127.0.0.1:40000)"."""
-    return "link %d (%s)" % (index, pair.client_cfg["links"][index]["remote_addr"])
-
-
 def sending_on(pair, *indices):
     """The client's line for the links that carry data: "sending on link 0 (…) + link 1 (…)"."""
     return "sending on " + " + ".join(link_name(pair, i) for i in indices)
-
-
-def lines_from(proc, start=0):
-    with proc.cond:
-        return list(proc.lines[start:])
-
-
-def line_count(proc):
-    with proc.cond:
-        return len(proc.lines)
-
-
-def wait_line_ending(proc, text, start, timeout=WAIT_S):
-    """Index of the first line from `start` on that ends with `text` (so "sending on link 1 (…)"
-    does not match the longer "sending on link 1 (…) + link 0 (…)"); fails after `timeout`."""
-    def find():
-        for i in range(start, len(proc.lines)):
-            if proc.lines[i].endswith(text):
-                return i
-        return None
-
-    with proc.cond:
-        proc.cond.wait_for(lambda: find() is not None or proc.proc.poll() is not None, timeout)
-        index = find()
-    assert index is not None, "no line ending with %r within %ss; output:\n%s" % (
-        text, timeout, "\n".join(proc.lines[-40:]))
-    return index
 
 
 def assert_no_internal_error(pair):
@@ -134,100 +88,6 @@ def grew(before, links, key):
 # -- an application stream ----------------------------------------------------
 
 
-class Stream:
-    """`count` numbered datagrams of `size` bytes, `rate` a second, from one application socket
-    through the client (a paced thread); every echo that comes back is counted by its number."""
-
-    def __init__(self, pair, count, rate=100, size=64, tag=b"strm"):
-        self.pair = pair
-        self.count = count
-        self.interval = 1.0 / rate
-        self.padding = b"x" * max(0, size - SEQ.size)
-        self.tag = tag
-        self.sock = pair.app_socket()
-        self.sock.settimeout(0.05)
-        self.cond = threading.Condition()
-        self.sent = 0
-        self.echoes = collections.Counter()  # number -> times it came back
-        self.others = []  # anything else that came back
-        self._stop = threading.Event()
-        self._sender = threading.Thread(target=self._send_loop, daemon=True)
-        self._receiver = threading.Thread(target=self._receive_loop, daemon=True)
-        self._receiver.start()
-        self._sender.start()
-
-    def payload(self, seq):
-        return SEQ.pack(self.tag, seq) + self.padding
-
-    def _send_loop(self):
-        for seq, _ in zip(range(1, self.count + 1), paced(self.interval, self._stop)):
-            try:
-                self.sock.sendto(self.payload(seq), self.pair.client_address)
-            except OSError:
-                pass
-            with self.cond:
-                self.sent = seq
-                self.cond.notify_all()
-
-    def _receive_loop(self):
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except OSError:  # socket.timeout is an OSError; so is a closed socket at the end
-                continue
-            with self.cond:
-                if len(data) >= SEQ.size and data[:4] == self.tag:
-                    self.echoes[SEQ.unpack_from(data)[1]] += 1
-                else:
-                    self.others.append(data)
-                self.cond.notify_all()
-
-    def wait_sent(self, n):
-        """Until `n` datagrams went out (the stream's own clock: n / rate seconds after its start)."""
-        with self.cond:
-            ok = self.cond.wait_for(lambda: self.sent >= n, n * self.interval + WAIT_S)
-        assert ok, "the stream sent only %d of %d datagrams" % (self.sent, n)
-
-    def wait_echoes(self, n, timeout=WAIT_S):
-        """Until `n` different numbers came back."""
-        with self.cond:
-            ok = self.cond.wait_for(lambda: len(self.echoes) >= n, timeout)
-            got = len(self.echoes)
-        assert ok, "only %d of %d echoes arrived within %ss" % (got, n, timeout)
-
-    def finish(self):
-        """Wait for the last datagram to go out, then for a marker's echo: what the relay still
-        held of the stream went by before it (each link, the server and the echo are FIFO)."""
-        self.wait_sent(self.count)
-        marker = b"end!" + self.tag
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            self.sock.sendto(marker, self.pair.client_address)
-            with self.cond:
-                if self.cond.wait_for(lambda: marker in self.others, 0.25):  # resent if lost on a lossy link
-                    return
-        raise AssertionError("no echo of the end marker within %ss" % WAIT_S)
-
-    def upstream(self):
-        """Number -> times the echo upstream received it."""
-        counts = collections.Counter()
-        with self.pair.echo.cond:
-            for data, _source in self.pair.echo.received:
-                if len(data) >= SEQ.size and data[:4] == self.tag:
-                    counts[SEQ.unpack_from(data)[1]] += 1
-        return counts
-
-    def replies(self):
-        with self.cond:
-            return collections.Counter(self.echoes)
-
-    def close(self):
-        self._stop.set()
-        self._sender.join(2)
-        self._receiver.join(2)
-        self.sock.close()
-
-
 @pytest.fixture
 def streams():
     """A factory for Stream; every stream is stopped at the end of the test."""
@@ -240,7 +100,7 @@ def streams():
 
     yield make
     for stream in made:
-        stream.close()
+        stream.stop()
 
 
 def exactly_once(counts, count):
@@ -270,7 +130,7 @@ def test_blackholed_link_loses_nothing_with_two_copies(relay_pair, tmp_path, str
     start = line_count(pair.client)
     before = counters_of(pair.links)
 
-    stream = streams(pair, count, rate=rate, size=200)
+    stream = streams(pair.client_address, count, rate=rate, size=200)
     stream.wait_sent(dead_after)
     stream.wait_echoes(dead_after - 20)  # flowing: a few may still be on their way
     both = grew(before, pair.links, "up_out")
@@ -278,13 +138,13 @@ def test_blackholed_link_loses_nothing_with_two_copies(relay_pair, tmp_path, str
     blackholed_at = time.monotonic()
     down = pair.client.wait_for_line("%s down after" % link_name(pair, dead), start=start)
     detected = time.monotonic() - blackholed_at
-    single = wait_line_ending(pair.client, sending_on(pair, alive), start)
+    single = pair.client.wait_line_ending(sending_on(pair, alive), start)
     stream.finish()
 
     missing, repeated = exactly_once(stream.replies(), count)
     assert not missing, "%d datagrams lost end-to-end: %r" % (len(missing), missing[:20])
     assert not repeated, "delivered twice to the application: %r" % dict(list(repeated.items())[:20])
-    missing, repeated = exactly_once(stream.upstream(), count)
+    missing, repeated = exactly_once(stream.upstream(pair.echo), count)
     assert not missing, "%d datagrams never reached the upstream: %r" % (len(missing), missing[:20])
     assert not repeated, "forwarded twice to the upstream: %r" % dict(list(repeated.items())[:20])
 
@@ -330,9 +190,9 @@ def test_independent_loss_is_multiplied_away(relay_pair, tmp_path, streams, redu
         link.set(loss_up=0.2, loss_down=0.2)
     before = counters_of(pair.links)
 
-    stream = streams(pair, count, rate=200, size=100)
+    stream = streams(pair.client_address, count, rate=200, size=100)
     stream.finish()
-    upstream = stream.upstream()
+    upstream = stream.upstream(pair.echo)
     replies = stream.replies()
     delivered_up = len(upstream)
     loss_up = 1.0 - delivered_up / count
@@ -379,7 +239,7 @@ def test_auto_adds_a_copy_while_the_active_link_loses(relay_pair, tmp_path, stre
         other = 1 - lossy
         start = line_count(pair.client)
         before = counters_of(pair.links)
-        stream = streams(pair, count, rate=100, size=200, tag=b"cln%d" % attempt)
+        stream = streams(pair.client_address, count, rate=100, size=200, tag=b"cln%d" % attempt)
         stream.finish()
         after = fresh_json(pair.score_file)
         if after["links"][lossy]["loss"] == 0 and active_index(after) == lossy:
@@ -398,13 +258,13 @@ def test_auto_adds_a_copy_while_the_active_link_loses(relay_pair, tmp_path, stre
     before = counters_of(pair.links)
     pair.links[lossy].set(loss_up=0.5)
     lossy_at = time.monotonic()
-    stream = streams(pair, 3 * count, rate=100, size=200, tag=b"loss")
+    stream = streams(pair.client_address, 3 * count, rate=100, size=200, tag=b"loss")
     both = pair.client.wait_for_line(sending_on(pair, lossy, other), start=start)
     took = time.monotonic() - lossy_at
     with stream.cond:
         copied_from = stream.sent + 1  # sent after the line was written: copies on both links
     stream.finish()
-    upstream = stream.upstream()
+    upstream = stream.upstream(pair.echo)
     copies = grew(before, pair.links, "up_in")[other]
     # Until the first missed heartbeat is noticed (~0.2-0.5 s) half of the stream is lost; after
     # that, nearly nothing (a copy stops only after AUTO_REDUNDANCY_HEARTBEATS answers in a row).
@@ -427,7 +287,7 @@ def test_auto_adds_a_copy_while_the_active_link_loses(relay_pair, tmp_path, stre
     healed_at = time.monotonic()
     state = [line for line in lines_from(pair.client, both) if "sending on" in line][-1]
     if state.endswith(sending_on(pair, lossy, other)):
-        wait_line_ending(pair.client, sending_on(pair, lossy), heal)
+        pair.client.wait_line_ending(sending_on(pair, lossy), heal)
         report("auto: back to link %d alone %.2fs after the loss ended (heartbeat 0.1 s, misses age out "
                "after %d)" % (lossy, time.monotonic() - healed_at, mpudp.AUTO_REDUNDANCY_HEARTBEATS))
     else:
@@ -455,14 +315,14 @@ def test_one_copy_by_default(relay_pair, tmp_path, streams):
     assert score["copies"] == 1
     assert [link["carrier"] for link in score["links"]] == [i == active for i in range(2)], score["links"]
     before = counters_of(pair.links)
-    stream = streams(pair, count, rate=100, size=500)
+    stream = streams(pair.client_address, count, rate=100, size=500)
     stream.finish()
     up, down = grew(before, pair.links, "up_in"), grew(before, pair.links, "down_out")
 
     report("redundancy 1: %d datagrams; forwarded up / down by the active link %d: %d / %d, by link %d: "
            "%d / %d (heartbeats)" % (count, active, up[active], down[active], other, up[other], down[other]))
     assert exactly_once(stream.replies(), count) == ([], {})
-    assert exactly_once(stream.upstream(), count) == ([], {})
+    assert exactly_once(stream.upstream(pair.echo), count) == ([], {})
     assert up[active] >= count and down[active] >= count, (up, down)
     assert up[other] < count / 2 and down[other] < count / 2, (
         "link %d carried data: %d datagrams up, %d down, for %d sent" % (other, up[other], down[other], count))
@@ -495,11 +355,11 @@ def test_replies_go_back_on_both_links(relay_pair, tmp_path, streams):
     client_before = fresh_json(pair.score_file)["counters"].get("duplicate", 0)
     before = counters_of(pair.links)
 
-    stream = streams(pair, count, rate=100, size=300)
+    stream = streams(pair.client_address, count, rate=100, size=300)
     stream.finish()
     down = grew(before, pair.links, "down_out")
     assert exactly_once(stream.replies(), count) == ([], {})
-    assert exactly_once(stream.upstream(), count) == ([], {})
+    assert exactly_once(stream.upstream(pair.echo), count) == ([], {})
     # Each link brought back every reply (plus the echoes of its heartbeats).
     assert min(down) >= count, "datagrams back per link: %r for %d replies" % (down, count)
     client = fresh_json(pair.score_file)

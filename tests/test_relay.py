@@ -4,7 +4,7 @@ Each test builds the chain of conftest.RelayPair (an echo upstream, a server
 process, link emulators and a client process), or a variant of it, and talks
 to the client's listen address like a local application would.
 
-Waits are on events (a datagram, a log line, a counter) with conftest.WAIT_S as
+Waits are on events (a datagram, a log line, a counter) with helpers.WAIT_S as
 the failure bound only.  "Nothing was forwarded" is made exact rather than
 timed: loopback delivers a datagram into the receiver's queue before sendto()
 returns and each mpudp socket is read in order, so a legit datagram sent after
@@ -16,19 +16,17 @@ import collections
 import os
 import random
 import re
-import selectors
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 import mpudp
-from conftest import (MPUDP, ROOT, WAIT_S, addr_text, EchoServer, free_udp_port, keypair, MpudpProcess,
-                      needs_ipv6, write_config)
+from conftest import MPUDP, ROOT, MpudpProcess, free_udp_port, keypair, needs_ipv6, write_config
+from helpers import WAIT_S, EchoServer, addr_text, drain, header, kind, payload_of, udp_socket
 from linkemu import LinkEmulator
 
 MAX = mpudp.MAX_DATA_PAYLOAD  # 65475: the largest datagram the relay carries
@@ -37,12 +35,6 @@ MACLEN = mpudp.MAC_SIZE
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def udp_socket(host="127.0.0.1"):
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((host, 0))
-    return s
 
 
 def _receive(sock, wanted, timeout):
@@ -93,19 +85,6 @@ def sync(pair, sock, payload, resend_s=1.0):
     raise AssertionError("no echo of %r within %ss; got instead: %r" % (payload, WAIT_S, others))
 
 
-def drain(sock):
-    """The datagrams already waiting on `sock` (no waiting for more)."""
-    sock.setblocking(False)
-    found = []
-    try:
-        while True:
-            found.append(sock.recvfrom(65536)[0])
-    except (BlockingIOError, InterruptedError):
-        return found
-    finally:
-        sock.settimeout(WAIT_S)
-
-
 def nothing_queued(sock):
     """True if no datagram is waiting on `sock` (a non-blocking look, no waiting)."""
     return drain(sock) == []
@@ -120,11 +99,6 @@ def send_until(sock, dest, payload, predicate, timeout=WAIT_S, every=0.05):
             return True
         time.sleep(every)  # pacing of the traffic, not a wait for an outcome
     return predicate()
-
-
-def echo_payloads(echo):
-    with echo.cond:
-        return [data for data, _source in echo.received]
 
 
 def assert_clean_exit(process):
@@ -143,19 +117,6 @@ def session_sources(server):
 # -- packets on the wire -------------------------------------------------------
 
 
-def kind(packet):
-    return packet[0] & mpudp.TYPE_MASK
-
-
-def fields(packet):
-    """(type_flags, link, client_id, session, nonce) of a packet."""
-    return mpudp.HEADER.unpack_from(packet)
-
-
-def payload_of(packet):
-    return packet[HDR:len(packet) - MACLEN]
-
-
 def data_packet(packets, payload):
     """The captured DATA packet that carries `payload`."""
     for packet in packets:
@@ -166,22 +127,14 @@ def data_packet(packets, payload):
 
 def forged(template, payload, seq_ahead, mac=None):
     """`template`'s header with a sequence number `seq_ahead` past it, `payload`, and a wrong MAC."""
-    type_flags, link, client_id, session, nonce = fields(template)
-    header = mpudp.HEADER.pack(type_flags, link, client_id, session, nonce + seq_ahead)
-    return header + payload + (mac if mac is not None else os.urandom(MACLEN))
+    type_flags, link, client_id, session, nonce = header(template)
+    packed = mpudp.HEADER.pack(type_flags, link, client_id, session, nonce + seq_ahead)
+    return packed + payload + (mac if mac is not None else os.urandom(MACLEN))
 
 
 def bit_flips(packet):
     """Copies of `packet` with one bit flipped: one copy per byte, every bit position used."""
     return [packet[:i] + bytes([packet[i] ^ (1 << (i % 8))]) + packet[i + 1:] for i in range(len(packet))]
-
-
-def static_keys(pair):
-    """The HELLO/WELCOME MAC keys of the pair, derived from its private keys as the client does."""
-    client_private = mpudp.decode_key(pair.client_keys[0])
-    server_public = mpudp.decode_key(pair.server_keys[1])
-    secret = mpudp.static_secret(client_private, server_public, mpudp.public_key(client_private), server_public)
-    return mpudp.StaticKeys(secret)
 
 
 def server_barrier(pair, sock, avoid_tag):
@@ -195,7 +148,7 @@ def server_barrier(pair, sock, avoid_tag):
     nonce = os.urandom(mpudp.NONCE_SIZE)
     while mpudp.epoch_tag(nonce) == avoid_tag:
         nonce = os.urandom(mpudp.NONCE_SIZE)
-    hello = mpudp.seal(static_keys(pair).hello_mac, mpudp.TYPE_HELLO, 0, 0, 0,
+    hello = mpudp.seal(mpudp.StaticKeys(pair.client_secret).hello_mac, mpudp.TYPE_HELLO, 0, 0, 0,
                        mpudp.epoch_tag(nonce) << mpudp.SEQ_BITS, mpudp.HELLO_PAYLOAD.pack(nonce, bytes(16)))
     sock.sendto(hello, (pair.host, pair.server_port))
     deadline = time.monotonic() + WAIT_S
@@ -210,87 +163,11 @@ def server_barrier(pair, sock, avoid_tag):
     raise AssertionError("the server did not answer a genuine HELLO")
 
 
-class Tap(object):
-    """A capturing UDP forwarder standing for one link: client -> tap -> server, and back.
-
-    Records every datagram in both directions (`up`: client to server, `down`:
-    server to client).  `hold_up` / `hold_down` keep recording but stop
-    forwarding that direction, so a test can take a packet the other side has
-    never seen.  `front` is the address the client sends to (what the client
-    sees as the server); `back` is the address the server sees as the client.
-    """
-
-    def __init__(self, target, host="127.0.0.1"):
-        self.target = target
-        self.front = udp_socket(host)
-        self.back = udp_socket(host)
-        self.address = self.front.getsockname()[:2]
-        self.client_addr = None
-        self.up, self.down = [], []
-        self.hold_up = self.hold_down = False
-        self.cond = threading.Condition()
-        self._stop = False
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self.front, selectors.EVENT_READ)
-        self._sel.register(self.back, selectors.EVENT_READ)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop:
-            for key, _mask in self._sel.select(0.1):
-                try:
-                    data, source = key.fileobj.recvfrom(65536)
-                except OSError:
-                    continue
-                # Forward under the lock: once a test has set a hold, every packet recorded
-                # before it has already been sent on.
-                with self.cond:
-                    try:
-                        if key.fileobj is self.front:
-                            self.client_addr = source
-                            self.up.append(data)
-                            if not self.hold_up:
-                                self.back.sendto(data, self.target)
-                        elif tuple(source[:2]) == tuple(self.target[:2]):
-                            self.down.append(data)
-                            if not self.hold_down and self.client_addr is not None:
-                                self.front.sendto(data, self.client_addr)
-                    except OSError:
-                        pass
-                    self.cond.notify_all()
-
-    def wait_for(self, predicate, timeout=WAIT_S):
-        with self.cond:
-            ok = self.cond.wait_for(lambda: predicate(self), timeout)
-        assert ok, "tap: condition not met within %ss" % timeout
-
-    def close(self):
-        self._stop = True
-        self._thread.join(2)
-        self._sel.close()
-        self.front.close()
-        self.back.close()
-
-
 @pytest.fixture
-def tapped_pair(relay_pair, cleanup):
-    """A RelayPair with one link that is a Tap (instead of a LinkEmulator): pair.tap.
-
-    The server listens on a port chosen here (so the tap can point at it before
-    the client starts); the client never gives a link up while a test holds it.
-    """
-    def make():
-        port = free_udp_port()
-        tap = Tap(("127.0.0.1", port))
-        cleanup(tap.close)
-        pair = relay_pair(links=0, server={"listen_addr": addr_text("127.0.0.1", port)},
-                          client={"links": [{"remote_addr": addr_text(*tap.address)}],
-                                  "max_consecutive_fail": 1000})
-        pair.server_port = port  # RelayPair picked another one before the override replaced it
-        pair.tap = tap
-        return pair
-    return make
+def one_tap_pair(tapped_pair):
+    """A factory: a RelayPair with one link that is a Tap (pair.tap); the client never gives
+    the link up while a test holds it."""
+    return lambda: tapped_pair(links=1, client={"max_consecutive_fail": 1000, "heartbeat_interval_sec": 0.2})
 
 
 # -- 1. traffic both ways over several links -------------------------------------
@@ -317,7 +194,7 @@ def test_two_links_relay_200_distinct_datagrams_both_ways(relay_pair):
         received.extend(got)
     assert collections.Counter(received) == collections.Counter(sent)  # intact, each exactly once
 
-    assert collections.Counter(echo_payloads(pair.echo)) == collections.Counter(sent)
+    assert collections.Counter(pair.echo.payloads()) == collections.Counter(sent)
     sources = pair.echo.sources()
     app_address = app.getsockname()[:2]
     assert len(sources) == 1 and app_address not in sources and pair.client_address not in sources
@@ -344,7 +221,7 @@ def test_sizes_up_to_max_relayed_intact(relay_pair):
     payloads = [bytes(random.Random(size).getrandbits(8) for _ in range(size)) for size in sizes]
     for payload in payloads:
         assert pair.round_trip(app, payload) == payload
-    assert set(echo_payloads(pair.echo)) == set(payloads)  # the upstream got each one whole, nothing else
+    assert set(pair.echo.payloads()) == set(payloads)  # the upstream got each one whole, nothing else
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", pytest.param("::1", marks=needs_ipv6)], ids=["ipv4", "ipv6"])
@@ -370,7 +247,7 @@ def test_oversize_datagrams_are_dropped_not_truncated(relay_pair, host):
     largest = oversize(b"max", MAX)
     others = exchange(pair, app, largest)
     assert [d for d in others if d != b"first"] == []  # nothing oversize, whole or cut, reached the app
-    assert set(echo_payloads(pair.echo)) == {b"first", largest}  # nor the upstream
+    assert set(pair.echo.payloads()) == {b"first", largest}  # nor the upstream
     assert pair.server.proc.poll() is None and pair.client.proc.poll() is None
 
 
@@ -386,7 +263,7 @@ def test_ipv6_loopback(relay_pair, host, echo_host):
     app = pair.app_socket()
     for payload in (b"v6-hello", b"x" * 1400, b"y" * MAX):
         assert pair.round_trip(app, payload) == payload
-    assert set(echo_payloads(pair.echo)) == {b"v6-hello", b"x" * 1400, b"y" * MAX}
+    assert set(pair.echo.payloads()) == {b"v6-hello", b"x" * 1400, b"y" * MAX}
     for source in pair.echo.sources():
         assert (":" in source[0]) == (":" in echo_host)
     assert pair.close() == {"client": 0, "server": 0}
@@ -411,7 +288,7 @@ def test_dual_stack_listen_addresses(relay_pair):
     for payload in (b"dual-6", b"6" * MAX):
         app6.sendto(payload, ("::1", client_port))
         assert receive_until(app6, payload) == []
-    assert set(echo_payloads(pair.echo)) == {b"dual-4", b"4" * MAX, b"dual-6", b"6" * MAX}
+    assert set(pair.echo.payloads()) == {b"dual-4", b"4" * MAX, b"dual-6", b"6" * MAX}
     assert len(pair.echo.sources()) == 2  # two applications, two sessions
     assert pair.close() == {"client": 0, "server": 0}
 
@@ -467,7 +344,7 @@ def garbage_like(template, marker, seed):
     """About a hundred datagrams that must all be dropped by whoever receives `template`'s kind
     of packet: random bytes, truncations, fresh sequence numbers with bad MACs, every type."""
     rng = random.Random(seed)
-    _flags, _link, _client, session, nonce = fields(template)
+    _flags, _link, _client, session, nonce = header(template)
     garbage = [bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 1500))) for _ in range(30)]
     garbage += [template[:n] for n in range(mpudp.OVERHEAD)]  # truncated, down to empty
     garbage += [template[:-1], template[:-MACLEN], template + b"\0", template[:HDR] + marker]
@@ -486,40 +363,40 @@ def garbage_like(template, marker, seed):
     return garbage
 
 
-def test_garbage_to_server_is_never_forwarded(tapped_pair):
-    pair = tapped_pair()
+def test_garbage_to_server_is_never_forwarded(one_tap_pair):
+    pair = one_tap_pair()
     tap = pair.tap
     app = pair.app_socket()
     assert exchange(pair, app, b"legit-1") == []
-    template = data_packet(tap.up, b"legit-1")
-    _flags, _link, _client, session, nonce = fields(template)
+    template = data_packet(tap.packets("up"), b"legit-1")
+    _flags, _link, _client, session, nonce = header(template)
     marker = b"GARBAGE-must-not-reach-the-upstream"
 
     garbage = garbage_like(template, marker, seed=5)
-    garbage.append(mpudp.seal(static_keys(pair).hello_mac, mpudp.TYPE_DATA | mpudp.FLAG_ACTIVE, 0, 0,
+    garbage.append(mpudp.seal(mpudp.StaticKeys(pair.client_secret).hello_mac, mpudp.TYPE_DATA | mpudp.FLAG_ACTIVE, 0, 0,
                               session, nonce + 300, marker))  # a real key, but not a data key
     garbage.append(mpudp.seal(mpudp.make_mac(os.urandom(32)), mpudp.TYPE_HELLO, 0, 0, 0, 0,
                               bytes(32)))  # a HELLO with a bad MAC
-    garbage += [p for p in tap.down]  # the server's own packets (WELCOME, echoes, data), reflected
+    garbage += [p for p in tap.packets("down")]  # the server's own packets (WELCOME, echoes, data), reflected
     attacker = udp_socket()
     for packet in garbage:
         attacker.sendto(packet, (pair.host, pair.server_port))
     for packet in garbage[-40:]:  # some also from the address the server knows as the client
-        tap.back.sendto(packet, (pair.host, pair.server_port))
+        tap.send_as(tap.client_addr, packet)
 
     legit = [b"legit-1"]
     for n in range(2, 5):  # legit traffic flows after it (so no forgery moved the replay window)
         legit.append(b"legit-%d" % n)
         assert sync(pair, app, legit[-1]) == []
-    assert set(echo_payloads(pair.echo)) == set(legit)
+    assert set(pair.echo.payloads()) == set(legit)
     assert nothing_queued(attacker)  # no answer to any of it
     assert pair.server.proc.poll() is None
     assert "Traceback" not in pair.server.output() and "internal error" not in pair.server.output()
     assert pair.close() == {"client": 0, "server": 0}
 
 
-def test_bit_flipped_packets_are_rejected_by_the_server(tapped_pair):
-    pair = tapped_pair()
+def test_bit_flipped_packets_are_rejected_by_the_server(one_tap_pair):
+    pair = one_tap_pair()
     tap = pair.tap
     app = pair.app_socket()
     assert exchange(pair, app, b"warm-up") == []
@@ -527,37 +404,38 @@ def test_bit_flipped_packets_are_rejected_by_the_server(tapped_pair):
         tap.hold_up = True  # take the next packet before the server sees it
     marker = b"flip-me-" + os.urandom(8).hex().encode()
     app.sendto(marker, pair.client_address)
-    tap.wait_for(lambda t: any(kind(p) == mpudp.TYPE_DATA and payload_of(p) == marker for p in t.up))
-    original = data_packet(tap.up, marker)
+    assert tap.wait_for(lambda t: any(kind(p) == mpudp.TYPE_DATA and payload_of(p) == marker
+                                      for p in t.packets("up")))
+    original = data_packet(tap.packets("up"), marker)
     for packet in bit_flips(original):  # from the genuine address, with a fresh sequence number
-        tap.back.sendto(packet, (pair.host, pair.server_port))
-    tap.back.sendto(original, (pair.host, pair.server_port))  # the packet itself is good
+        tap.send_as(tap.client_addr, packet)
+    tap.send_as(tap.client_addr, original)  # the packet itself is good
     assert receive_until(app, marker) == []  # its echo, and nothing before it
     with tap.cond:
         tap.hold_up = False
     assert exchange(pair, app, b"after") == []
-    assert echo_payloads(pair.echo) == [b"warm-up", marker, b"after"]
+    assert pair.echo.payloads() == [b"warm-up", marker, b"after"]
     assert pair.close() == {"client": 0, "server": 0}
 
 
-def test_replayed_packets_are_not_forwarded_and_do_not_move_the_return_path(tapped_pair):
-    pair = tapped_pair()
+def test_replayed_packets_are_not_forwarded_and_do_not_move_the_return_path(one_tap_pair):
+    pair = one_tap_pair()
     tap = pair.tap
     app = pair.app_socket()
     markers = [b"once-%d" % i for i in range(5)]
     for payload in markers:
         assert exchange(pair, app, payload) == []
     session_upstream = pair.echo.received[0][1]
-    epoch_tag = fields(data_packet(tap.up, markers[0]))[4] >> mpudp.SEQ_BITS
+    epoch_tag = header(data_packet(tap.packets("up"), markers[0]))[4] >> mpudp.SEQ_BITS
     with tap.cond:
         tap.hold_up = True  # from here no genuine packet reaches the server to set the path right again
-        captured = list(tap.up)
+        captured = tap.packets("up")
     assert sum(1 for p in captured if kind(p) == mpudp.TYPE_DATA) >= len(markers)
     assert any(kind(p) == mpudp.TYPE_HEARTBEAT for p in captured)
 
     attacker = udp_socket()
     for packet in captured:  # every packet the client sent (HELLO, heartbeats, data), from its own address
-        tap.back.sendto(packet, (pair.host, pair.server_port))
+        tap.send_as(tap.client_addr, packet)
     for packet in captured:  # then from another address: the last word, if replays counted
         attacker.sendto(packet, (pair.host, pair.server_port))
     barrier = udp_socket()
@@ -572,30 +450,30 @@ def test_replayed_packets_are_not_forwarded_and_do_not_move_the_return_path(tapp
         tap.hold_up = False
     assert sync(pair, app, b"after") == []
     assert nothing_queued(attacker)
-    counts = collections.Counter(echo_payloads(pair.echo))
+    counts = collections.Counter(pair.echo.payloads())
     assert set(counts) == set(markers) | {b"after"}
     assert all(counts[m] == 1 for m in markers), counts  # no second copy of anything
     assert ":%d" % attacker.getsockname()[1] not in pair.server.output()
     assert pair.close() == {"client": 0, "server": 0}
 
 
-def test_garbage_forgeries_and_replays_to_the_client_are_never_delivered(tapped_pair):
-    pair = tapped_pair()
+def test_garbage_forgeries_and_replays_to_the_client_are_never_delivered(one_tap_pair):
+    pair = one_tap_pair()
     tap = pair.tap
     app = pair.app_socket()
     assert exchange(pair, app, b"reply-once") == []
-    reply = data_packet(tap.down, b"reply-once")
+    reply = data_packet(tap.packets("down"), b"reply-once")
     client_link = tap.client_addr  # the client's socket for this link
     attacker = udp_socket()
 
     garbage = garbage_like(reply, b"GARBAGE-must-not-reach-the-app", seed=7)
-    garbage += [p for p in tap.up]  # the client's own packets reflected back (HELLO, heartbeats, data)
-    garbage += [p for p in tap.down if kind(p) == mpudp.TYPE_WELCOME]  # the WELCOME replayed
+    garbage += [p for p in tap.packets("up")]  # the client's own packets reflected back (HELLO, heartbeats, data)
+    garbage += [p for p in tap.packets("down") if kind(p) == mpudp.TYPE_WELCOME]  # the WELCOME replayed
     garbage += bit_flips(reply)
     for packet in [reply] + garbage:  # a replay first, then the rest
         attacker.sendto(packet, client_link)
     for packet in [reply] + garbage[-40:]:  # and from the address the client sends to
-        tap.front.sendto(packet, client_link)
+        tap.send_down(packet, client_link)
     syncs = {b"sync-1"}
     others = sync(pair, app, b"sync-1")
     assert others == [], "delivered to the app: %r" % others  # no second "reply-once", no garbage
@@ -605,19 +483,20 @@ def test_garbage_forgeries_and_replays_to_the_client_are_never_delivered(tapped_
         tap.hold_down = True
     fresh = b"fresh-" + os.urandom(8).hex().encode()
     app.sendto(fresh, pair.client_address)
-    tap.wait_for(lambda t: any(kind(p) == mpudp.TYPE_DATA and payload_of(p) == fresh for p in t.down))
-    original = data_packet(tap.down, fresh)
+    assert tap.wait_for(lambda t: any(kind(p) == mpudp.TYPE_DATA and payload_of(p) == fresh
+                                      for p in t.packets("down")))
+    original = data_packet(tap.packets("down"), fresh)
     for packet in [forged(original, fresh, 1)] + bit_flips(original):
-        tap.front.sendto(packet, client_link)
-    tap.front.sendto(original, client_link)
+        tap.send_down(packet, client_link)
+    tap.send_down(original, client_link)
     assert receive_until(app, fresh) == []
     with tap.cond:
         tap.hold_down = False
-    tap.front.sendto(original, client_link)  # once more: a replay now
+    tap.send_down(original, client_link)  # once more: a replay now
     attacker.sendto(original, client_link)
     syncs.add(b"sync-2")
     assert sync(pair, app, b"sync-2") == []
-    assert set(drain(app)) <= syncs  # at most a late copy of a resent sync, never `fresh` again
+    assert {data for data, _ in drain(app)} <= syncs  # at most a late copy of a resent sync, never `fresh` again
     assert nothing_queued(attacker)
     assert pair.client.proc.poll() is None
     assert "Traceback" not in pair.client.output() and "internal error" not in pair.client.output()

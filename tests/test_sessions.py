@@ -11,89 +11,24 @@
    traffic moving from one family to the other mid-stream (and back), with the
    upstream on IPv4 and on IPv6.
 
-(max_sessions on both sides and the in-process forged-id cases are in
-test_hostile.py; three applications' separation is in test_relay.py.)
+(max_sessions on both sides is in test_hostile_flood.py, the forged-id cases in
+test_hostile_replay.py; three applications' separation is in test_relay.py.)
 
-Waits are on events (log lines, datagrams) with conftest.WAIT_S as the bound.
+Waits are on events (log lines, datagrams) with helpers.WAIT_S as the bound.
 """
 
 import re
 import signal
-import socket
-import threading
 import time
 
 import pytest
 
-from conftest import (WAIT_S, addr_text, EchoServer, free_udp_port, keypair, MpudpProcess, needs_ipv6,
-                      write_config)
+from conftest import MpudpProcess, free_udp_port, keypair, needs_ipv6, write_config
+from helpers import LOOPBACK, WAIT_S, EchoServer, Stream, addr_text, line_count, round_trip, udp_socket
 from linkemu import LinkEmulator
-
-LOOPBACK = "127.0.0.1"
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def app_socket(host=LOOPBACK):
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((host, 0))
-    s.settimeout(WAIT_S)
-    return s
-
-
-def round_trip(sock, dest, payload, timeout=WAIT_S):
-    """Send until the echo of `payload` comes back; every other datagram that arrived meanwhile."""
-    deadline = time.monotonic() + timeout
-    others = []
-    while time.monotonic() < deadline:
-        sock.sendto(payload, dest)
-        sock.settimeout(0.25)
-        try:
-            while True:
-                data = sock.recvfrom(65536)[0]
-                if data == payload:
-                    sock.settimeout(WAIT_S)
-                    return others
-                others.append(data)
-        except socket.timeout:
-            continue
-    raise AssertionError("no echo of %r within %ss; got instead %r" % (payload, timeout, others[:10]))
-
-
-def wait_match(process, pattern, start=0, timeout=WAIT_S):
-    """(index, match) of the first line from `start` on matching the regex `pattern`."""
-    regex = re.compile(pattern)
-
-    def find():
-        for i in range(start, len(process.lines)):
-            m = regex.search(process.lines[i])
-            if m:
-                return i, m
-        return None
-
-    with process.cond:
-        process.cond.wait_for(lambda: find() is not None or process.proc.poll() is not None, timeout)
-        found = find()
-    if found is None:
-        raise AssertionError("no line matching %r within %ss (exit %r); output:\n%s" % (
-            pattern, timeout, process.proc.poll(), "\n".join(process.lines[-40:])))
-    return found
-
-
-def line_count(process):
-    with process.cond:
-        return len(process.lines)
-
-
-def echo_data(echo):
-    with echo.cond:
-        return [data for data, _source in echo.received]
-
-
-def echo_from(echo, source):
-    with echo.cond:
-        return [data for data, src in echo.received if src[:2] == source[:2]]
 
 
 def udp_socket_open(local_port, remote_port):
@@ -115,62 +50,10 @@ def udp_socket_open(local_port, remote_port):
     return found
 
 
-class Chatter(object):
-    """An application in a thread: sends `prefix-N` every `every` seconds to `dest` and records the
-    replies (with the time they came).  Bounded: it stops by itself after `limit_s`."""
-
-    def __init__(self, dest, prefix, every=0.03, limit_s=3 * WAIT_S, host=LOOPBACK):
-        self.sock = app_socket(host)
-        self.sock.settimeout(every)
-        self.dest, self.prefix, self.every, self.limit_s = dest, prefix, every, limit_s
-        self.replies = []  # (monotonic time, data)
-        self.strangers = []  # replies that are not ours
-        self.cond = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    @property
-    def address(self):
-        return self.sock.getsockname()[:2]
-
-    def _run(self):
-        end = time.monotonic() + self.limit_s
-        n = 0
-        while not self._stop.is_set() and time.monotonic() < end:
-            n += 1
-            try:
-                self.sock.sendto(b"%s-%d" % (self.prefix, n), self.dest)
-            except OSError:
-                pass
-            deadline = time.monotonic() + self.every
-            while time.monotonic() < deadline:
-                try:
-                    data = self.sock.recvfrom(65536)[0]
-                except (socket.timeout, BlockingIOError):
-                    break
-                except OSError:
-                    return
-                with self.cond:
-                    if data.startswith(self.prefix + b"-"):
-                        self.replies.append((time.monotonic(), data))
-                    else:
-                        self.strangers.append(data)
-                    self.cond.notify_all()
-
-    def count(self):
-        with self.cond:
-            return len(self.replies)
-
-    def wait_count(self, n, timeout=WAIT_S):
-        with self.cond:
-            ok = self.cond.wait_for(lambda: len(self.replies) >= n, timeout)
-        assert ok, "%r: %d replies, wanted %d within %ss" % (self.prefix, len(self.replies), n, timeout)
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join(WAIT_S)
-        self.sock.close()
+def start_chatter(dest, prefix, every=0.03):
+    """An application in a thread: sends `prefix`-tagged numbered datagrams every `every` seconds
+    to `dest`; its echoes (`arrivals`: time, number) and any stranger's datagrams (`others`)."""
+    return Stream(dest, rate=1.0 / every, size=0, tag=prefix + b"-")
 
 
 # -- 1. session expiry ------------------------------------------------------------
@@ -178,9 +61,9 @@ class Chatter(object):
 
 def opened_session(pair, app_port, start_c, start_s):
     """(session id, upstream source address) of the session opened for the application on `app_port`."""
-    _i, m = wait_match(pair.client, r"session ([0-9a-f]{8}) opened for 127\.0\.0\.1:%d$" % app_port, start_c)
+    _i, m = pair.client.wait_match(r"session ([0-9a-f]{8}) opened for 127\.0\.0\.1:%d$" % app_port, start_c)
     sid = m.group(1)
-    _i, m = wait_match(pair.server, r"client 0: session %s opened, upstream %s from 127\.0\.0\.1:(\d+)$" % (
+    _i, m = pair.server.wait_match(r"client 0: session %s opened, upstream %s from 127\.0\.0\.1:(\d+)$" % (
         sid, re.escape(pair.echo.text)), start_s)
     return sid, (LOOPBACK, int(m.group(1)))
 
@@ -192,21 +75,21 @@ def test_idle_session_expires_on_both_sides_while_others_flow(relay_pair, cleanu
     dest = pair.client_address
     echo_port = pair.echo.address[1]
 
-    a = app_socket()
+    a = udp_socket(timeout=WAIT_S)
     cleanup(a.close)
     a_port = a.getsockname()[1]
     assert round_trip(a, dest, b"A-hello") == []
     a_old, a_source = opened_session(pair, a_port, 0, 0)
-    assert echo_from(pair.echo, a_source) == [b"A-hello"]
+    assert pair.echo.payloads(a_source) == [b"A-hello"]
     assert udp_socket_open(a_source[1], echo_port) in (True, None)  # the check below can see it
 
     # B and C talk all along; A says nothing more.
-    chatters = [Chatter(dest, b"B"), Chatter(dest, b"C")]
+    chatters = [start_chatter(dest, b"B"), start_chatter(dest, b"C")]
     for chatter in chatters:
         cleanup(chatter.stop)
     busy = [opened_session(pair, chatter.address[1], 0, 0) for chatter in chatters]
     for chatter in chatters:
-        chatter.wait_count(3)
+        chatter.wait_received(3)
     assert len({a_old} | {sid for sid, _ in busy}) == 3
     assert len({a_source} | {source for _, source in busy}) == 3
 
@@ -214,15 +97,15 @@ def test_idle_session_expires_on_both_sides_while_others_flow(relay_pair, cleanu
     pair.server.wait_for_line("client 0: session %s expired" % a_old)
     after = time.monotonic()
     for chatter in chatters:
-        chatter.wait_count(chatter.count() + 10)  # replies keep coming after A's expiry
-        assert chatter.replies[-1][0] > after
-        assert chatter.strangers == []
+        chatter.wait_received(chatter.received() + 10)  # replies keep coming after A's expiry
+        assert chatter.arrivals[-1][0] > after
+        assert chatter.others == []
     for sid, source in busy:  # the busy sessions never expired, and kept their upstream socket
         assert pair.client.count_lines("session %s for" % sid) == 0
         assert pair.server.count_lines("session %s expired" % sid) == 0
         assert pair.server.count_lines("session %s opened" % sid) == 1
     for chatter, (_sid, source) in zip(chatters, busy):
-        assert len(echo_from(pair.echo, source)) >= chatter.count()
+        assert len(pair.echo.payloads(source)) >= chatter.received()
 
     # The server closed A's upstream socket: it is gone, and the echo never hears from it again.
     assert udp_socket_open(a_source[1], echo_port) in (False, None)
@@ -233,11 +116,11 @@ def test_idle_session_expires_on_both_sides_while_others_flow(relay_pair, cleanu
     a_new, new_source = opened_session(pair, a_port, start_c, start_s)
     assert a_new != a_old
     assert new_source != a_source
-    assert echo_from(pair.echo, new_source)[0] == b"A-again"
-    assert echo_from(pair.echo, a_source) == [b"A-hello"]
+    assert pair.echo.payloads(new_source)[0] == b"A-again"
+    assert pair.echo.payloads(a_source) == [b"A-hello"]
     for chatter in chatters:
         chatter.stop()
-        assert chatter.strangers == []
+        assert chatter.others == []
     assert pair.close() == {"client": 0, "server": 0}
 
 
@@ -313,40 +196,40 @@ def test_two_clients_own_upstreams_and_a_silent_one(tmp_path, cleanup):
         cleanup(echo.close)
     rig = TwoClients(tmp_path, cleanup, echoes, heartbeat_timeout=1.0)
     (c0, dest0), (c1, dest1) = rig.genuine(0), rig.genuine(1)
-    app0, app1 = app_socket(), app_socket()
+    app0, app1 = udp_socket(timeout=WAIT_S), udp_socket(timeout=WAIT_S)
     cleanup(app0.close)
     cleanup(app1.close)
     assert round_trip(app0, dest0, b"c0-hello") == []
     assert round_trip(app1, dest1, b"c1-hello") == []
     interleave([(app0, dest0, b"c0"), (app1, dest1, b"c1")], 20)
-    assert all(d.startswith(b"c0-") for d in echo_data(echoes[0])), echo_data(echoes[0])
-    assert all(d.startswith(b"c1-") for d in echo_data(echoes[1])), echo_data(echoes[1])
-    assert len(echo_data(echoes[0])) >= 22 and len(echo_data(echoes[1])) >= 22
+    assert all(d.startswith(b"c0-") for d in echoes[0].payloads()), echoes[0].payloads()
+    assert all(d.startswith(b"c1-") for d in echoes[1].payloads()), echoes[1].payloads()
+    assert len(echoes[0].payloads()) >= 22 and len(echoes[1].payloads()) >= 22
 
     # Client 1 freezes: the server drops its return path, client 0 goes on regardless.
     app0.close()
-    chatter = Chatter(dest0, b"c0-flow")
+    chatter = start_chatter(dest0, b"c0-flow")
     cleanup(chatter.stop)
-    chatter.wait_count(3)
+    chatter.wait_received(3)
     start = line_count(rig.server)
     c1.proc.send_signal(signal.SIGSTOP)
     try:
         rig.server.wait_for_line("client 1 silent for", start=start)
         dropped_at = time.monotonic()
-        chatter.wait_count(chatter.count() + 15)
-        assert chatter.replies[-1][0] > dropped_at
+        chatter.wait_received(chatter.received() + 15)
+        assert chatter.arrivals[-1][0] > dropped_at
         assert rig.server.count_lines("client 0 silent") == 0
-        assert chatter.strangers == []
+        assert chatter.others == []
     finally:
         c1.proc.send_signal(signal.SIGCONT)
     # Client 1 wakes up and works again (its return path comes back).
     assert round_trip(app1, dest1, b"c1-awake") == []
     assert rig.server.count_lines("client 1 silent for") == 1
-    chatter.wait_count(chatter.count() + 5)
+    chatter.wait_received(chatter.received() + 5)
     chatter.stop()
-    assert chatter.strangers == []
-    assert not any(d.startswith(b"c1") for d in echo_data(echoes[0]))
-    assert not any(d.startswith(b"c0") for d in echo_data(echoes[1]))
+    assert chatter.others == []
+    assert not any(d.startswith(b"c1") for d in echoes[0].payloads())
+    assert not any(d.startswith(b"c0") for d in echoes[1].payloads())
     assert c1.stop() == 0 and c0.stop() == 0 and rig.server.stop() == 0
 
 
@@ -355,13 +238,13 @@ def test_two_clients_share_the_single_upstream_addr(tmp_path, cleanup):
     cleanup(echo.close)
     rig = TwoClients(tmp_path, cleanup, [echo], shared_upstream=True)
     (c0, dest0), (c1, dest1) = rig.genuine(0), rig.genuine(1)
-    app0, app1 = app_socket(), app_socket()
+    app0, app1 = udp_socket(timeout=WAIT_S), udp_socket(timeout=WAIT_S)
     cleanup(app0.close)
     cleanup(app1.close)
     assert round_trip(app0, dest0, b"c0-hello") == []
     assert round_trip(app1, dest1, b"c1-hello") == []
     interleave([(app0, dest0, b"c0"), (app1, dest1, b"c1")], 20)
-    data = echo_data(echo)
+    data = echo.payloads()
     assert {d for d in data if d.startswith(b"c0-")} >= {b"c0-%d" % i for i in range(20)}
     assert {d for d in data if d.startswith(b"c1-")} >= {b"c1-%d" % i for i in range(20)}
     # two sessions, one per client, from two upstream sockets
@@ -384,7 +267,7 @@ def test_client_with_client1_keys_claiming_id_0_gets_nothing_through(tmp_path, c
         cleanup(echo.close)
     rig = TwoClients(tmp_path, cleanup, echoes)
     c0, dest0 = rig.genuine(0)
-    app0, forger_app = app_socket(), app_socket()
+    app0, forger_app = udp_socket(timeout=WAIT_S), udp_socket(timeout=WAIT_S)
     cleanup(app0.close)
     cleanup(forger_app.close)
     assert round_trip(app0, dest0, b"c0-before") == []
@@ -399,8 +282,8 @@ def test_client_with_client1_keys_claiming_id_0_gets_nothing_through(tmp_path, c
     assert forger.count_lines("handshake done") == 0
     assert round_trip(app0, dest0, b"c0-after") == []  # client 0 undisturbed (and a barrier)
     assert _nothing_waiting(forger_app), "the forger's application got an answer"
-    assert not any(d.startswith(b"forged-") for echo in echoes for d in echo_data(echo))
-    assert echo_data(echoes[1]) == []
+    assert not any(d.startswith(b"forged-") for echo in echoes for d in echo.payloads())
+    assert echoes[1].payloads() == []
     assert rig.server.count_lines("client 0: new epoch") == 1
     assert rig.server.count_lines("replies now go by") == 0
     assert forger.stop() == 0 and c0.stop() == 0
@@ -437,11 +320,11 @@ def test_switch_between_ipv4_and_ipv6_links_mid_stream(relay_pair, cleanup, echo
     pair = relay_pair(links=0, echo_host=echo_host, server={"listen_addr": ":%d" % server_port},
                       client={"links": [{"remote_addr": addr_text(*emu.address[:2])} for emu in (emu4, emu6)],
                               "switch_threshold": 1000})  # only "active link down" moves the traffic
-    chatter = Chatter(pair.client_address, b"mixed")
+    chatter = start_chatter(pair.client_address, b"mixed")
     cleanup(chatter.stop)
-    chatter.wait_count(5)
+    chatter.wait_received(5)
     v4 = r"(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]):"  # a dual-stack socket sees IPv4 peers v4-mapped
-    wait_match(pair.server, r"client 0: return path link 0 \(%s" % v4)
+    pair.server.wait_match(r"client 0: return path link 0 \(%s" % v4)
     sources = pair.echo.sources()
     assert len(sources) == 1 and (":" in next(iter(sources))[0]) == (":" in echo_host)
 
@@ -452,14 +335,14 @@ def test_switch_between_ipv4_and_ipv6_links_mid_stream(relay_pair, cleanup, echo
         down.set(blackhole=True)
         pair.client.wait_for_line("switch %s -> %s: active link down" % (names[old], names[new]), start=start_c)
         family = r"\[::1\]:" if new == 1 else v4
-        wait_match(pair.server, r"client 0: replies now go by link %d \(%s" % (new, family), start_s)
+        pair.server.wait_match(r"client 0: replies now go by link %d \(%s" % (new, family), start_s)
         switched_at = time.monotonic()
         carried = up.counters["down_out"]
-        chatter.wait_count(chatter.count() + 20)  # the stream goes on, on the other family's link
-        assert chatter.replies[-1][0] > switched_at
+        chatter.wait_received(chatter.received() + 20)  # the stream goes on, on the other family's link
+        assert chatter.arrivals[-1][0] > switched_at
         assert up.counters["down_out"] >= carried + 20
     chatter.stop()
-    assert chatter.strangers == []
+    assert chatter.others == []
     assert pair.echo.sources() == sources  # one session, one upstream socket, across both switches
     assert pair.client.count_lines("handshake done") == 1  # no new epoch was needed
     assert pair.close() == {"client": 0, "server": 0}

@@ -4,7 +4,7 @@ direction-split loss, all links down, DNS, and the score_file.
 Most tests run real mpudp processes (conftest.RelayPair: echo upstream, server,
 LinkEmulators, client) and steer the links while they watch the client's log
 lines, its score_file and the emulators' counters.  The DNS tests build a
-Server and a Client in this process on one Reactor with a Resolver whose
+Server and a Client in this process on one Reactor (conftest.InProcess) with a Resolver whose
 getaddrinfo is a stub the test controls.
 
 Every wait is bounded and waits on an event (a log line, a datagram, a counter,
@@ -12,26 +12,18 @@ a score_file that says so); the negative checks ("no switch") observe a window
 measured in heartbeats the emulators forwarded, not in sleeps.
 """
 
-import io
 import json
 import os
 import re
 import socket
-import struct
-import sys
 import threading
 import time
 
 import pytest
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
-import mpudp  # noqa: E402
-from conftest import WAIT_S, EchoServer, keypair  # noqa: E402
-from conftest import active_index, paced, wait_json as wait_score  # noqa: E402
-from linkemu import LinkEmulator  # noqa: E402
+import mpudp
+from conftest import active_index, wait_json as wait_score
+from helpers import WAIT_S, Stream, line_count, lines_from, link_name
 
 LINK_FIELDS = ("index", "address", "state", "srtt_ms", "rttvar_ms", "jitter_ms", "loss", "loss_up",
                "loss_down", "score", "kbps", "active", "switches")
@@ -49,23 +41,8 @@ def line_time(line):
     return time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) + int(match.group(2)) / 1000.0
 
 
-def link_name(pair, index):
-    """How the client names a link in its log: "link 1 (127.0.0.1:40000)"."""
-    return "link %d (%s)" % (index, pair.client_cfg["links"][index]["remote_addr"])
-
-
 def switch_text(pair, old, new, reason):
     return "switch %s -> %s: %s" % (link_name(pair, old), link_name(pair, new), reason)
-
-
-def lines_from(proc, start):
-    with proc.cond:
-        return list(proc.lines[start:])
-
-
-def line_count(proc):
-    with proc.cond:
-        return len(proc.lines)
 
 
 def switch_lines(pair, start=0):
@@ -95,75 +72,6 @@ def client_config(tmp_path, **overrides):
 def wait_counter(link, key, at_least, timeout=WAIT_S):
     assert link.wait_for(lambda c: c[key] >= at_least, timeout), (
         "%r: counter %s never reached %d: %r" % (link, key, at_least, link.counters))
-
-
-# -- an application stream ---------------------------------------------------
-
-
-class Stream:
-    """`rate` numbered datagrams a second from one app socket through the client, echoes timed."""
-
-    def __init__(self, pair, rate=100, size=32):
-        self.pair = pair
-        self.interval = 1.0 / rate
-        self.size = max(size, 4)
-        self.sock = pair.app_socket()
-        self.sock.settimeout(0.05)
-        self.cond = threading.Condition()
-        self.sent = 0
-        self.arrivals = []  # (monotonic time, seq) of every echo
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._send_loop, daemon=True),
-                         threading.Thread(target=self._receive_loop, daemon=True)]
-        for thread in self._threads:
-            thread.start()
-
-    def _send_loop(self):
-        padding = b"x" * (self.size - 4)
-        for seq, _ in enumerate(paced(self.interval, self._stop), 1):
-            try:
-                self.sock.sendto(struct.pack("!I", seq) + padding, self.pair.client_address)
-            except OSError:
-                pass
-            with self.cond:
-                self.sent = seq
-
-    def _receive_loop(self):
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    return
-                continue
-            if len(data) >= 4:
-                with self.cond:
-                    self.arrivals.append((time.monotonic(), struct.unpack_from("!I", data)[0]))
-                    self.cond.notify_all()
-
-    def received(self):
-        with self.cond:
-            return len(self.arrivals)
-
-    def wait_received(self, count, timeout=WAIT_S):
-        with self.cond:
-            ok = self.cond.wait_for(lambda: len(self.arrivals) >= count, timeout)
-            got = len(self.arrivals)
-        assert ok, "only %d of %d echoes arrived within %ss" % (got, count, timeout)
-
-    def stop(self):
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(2)
-        self.sock.close()
-
-    def longest_gap(self):
-        """The longest time between two consecutive echoes."""
-        with self.cond:
-            times = sorted(t for t, _seq in self.arrivals)
-        return max(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else 0.0
 
 
 # ============================================================================
@@ -197,7 +105,7 @@ def test_failover_when_active_link_dies(relay_pair, tmp_path, busy):
     active = active_index(settle(score))
     other = 1 - active
 
-    stream = Stream(pair, rate=100, size=32)
+    stream = Stream(pair.client_address, rate=100, size=32)
     try:
         stream.wait_received(30)
         if busy:  # the busy hold would apply to a regular switch: it must not veto leaving a dead link
@@ -324,7 +232,7 @@ def test_no_switch_while_busy_then_switch_when_idle(relay_pair, tmp_path):
     busy = active_index(settle(score))
     other = 1 - busy
 
-    stream = Stream(pair, rate=100, size=1200)  # ~1 Mbit/s each way
+    stream = Stream(pair.client_address, rate=100, size=1200)  # ~1 Mbit/s each way
     stopped_at = None
     try:
         stream.wait_received(20)
@@ -506,125 +414,19 @@ class StubDNS:
         return [(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP, "", tuple(answer))]
 
 
-class InProcessRelay:
-    """An echo upstream, mpudp Servers and one Client on one Reactor in this process."""
-
-    def __init__(self, dns):
-        self.dns = dns
-        self.server_log_stream, self.client_log_stream = io.StringIO(), io.StringIO()
-        self.server_log = mpudp.Log(stream=self.server_log_stream)
-        self.client_log = mpudp.Log(stream=self.client_log_stream)
-        self.reactor = mpudp.Reactor(log=self.client_log)
-        self.resolver = mpudp.Resolver(self.reactor, getaddrinfo=dns)
-        self.echo = EchoServer()
-        self.server_keys, self.client_keys = keypair(), keypair()
-        self.servers = []
-        self.emulators = []
-        self.client = None
-        self.app = None
-        self.replies = []
-
-    def add_server(self):
-        section = mpudp.parse_config({"mode": "server", "server": {
-            "listen_addr": "127.0.0.1:0", "upstream_addr": self.echo.text,
-            "server_private_key": self.server_keys[0], "client_public_keys": [self.client_keys[1]],
-        }}).section
-        server = mpudp.Server(section, self.reactor, self.server_log, self.resolver)
-        server.start()
-        self.servers.append(server)
-        return server
-
-    @staticmethod
-    def address_of(server):
-        return tuple(server.listen_sock.getsockname()[:2])
-
-    def add_emulator(self, target):
-        emulator = LinkEmulator(target, seed=len(self.emulators)).start()
-        self.emulators.append(emulator)
-        return emulator
-
-    def start_client(self, remotes, **overrides):
-        cfg = {
-            "listen_addr": "127.0.0.1:0",
-            "links": [{"remote_addr": remote} for remote in remotes],
-            "heartbeat_interval_sec": 0.1,
-            "client_private_key": self.client_keys[0],
-            "server_public_key": self.server_keys[1],
-        }
-        cfg.update(overrides)
-        section = mpudp.parse_config({"mode": "client", "client": cfg}).section
-        self.client = mpudp.Client(section, self.reactor, self.client_log, self.resolver)
-        self.client.start()
-        self.app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.app.bind(("127.0.0.1", 0))
-        self.app.setblocking(False)
-        self.reactor.add_reader(self.app, self._on_app_readable)
-        return self.client
-
-    def _on_app_readable(self):
-        while True:
-            try:
-                self.replies.append(self.app.recv(65536))
-            except BlockingIOError:
-                return
-
-    def run_until(self, predicate, what, timeout=WAIT_S):
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() >= deadline:
-                raise AssertionError("not within %ss: %s\nclient log:\n%s" % (
-                    timeout, what, self.client_log_stream.getvalue()[-3000:]))
-            self.reactor.run_once(0.05)
-
-    def round_trip(self, payload, timeout=WAIT_S):
-        """Send `payload` (again every 0.25 s) until its echo arrives; the time it took."""
-        start = time.monotonic()
-        deadline = start + timeout
-        dest = self.client.listen_sock.getsockname()
-        while time.monotonic() < deadline:
-            self.app.sendto(payload, dest)
-            resend_at = min(time.monotonic() + 0.25, deadline)
-            while time.monotonic() < resend_at:
-                self.reactor.run_once(0.05)
-                if payload in self.replies:
-                    self.replies = []
-                    return time.monotonic() - start
-        raise AssertionError("no echo of %r within %ss\nclient log:\n%s" % (
-            payload, timeout, self.client_log_stream.getvalue()[-3000:]))
-
-    def log_count(self, text):
-        return sum(1 for line in self.client_log_stream.getvalue().splitlines() if text in line)
-
-    def close(self):
-        self.dns.release.set()
-        if self.app is not None:
-            self.reactor.remove_reader(self.app)
-            self.app.close()
-        if self.client is not None:
-            self.client.close()
-        for server in self.servers:
-            server.close()
-        self.resolver.close()
-        self.reactor.close()
-        for emulator in self.emulators:
-            emulator.close()
-        self.echo.close()
-
-
 @pytest.fixture
-def inproc():
-    made = []
+def inproc(in_process):
+    """A factory: a real-time InProcess whose Resolver asks the stub `dns`, heartbeats every
+    0.1 s; a look-up still hanging is released at the end of the test."""
+    stubs = []
 
     def make(dns):
-        relay = InProcessRelay(dns)
-        made.append(relay)
-        return relay
+        stubs.append(dns)
+        return in_process(getaddrinfo=dns, heartbeat_s=0.1)
 
     yield make
-    for relay in made:
-        relay.close()
-    for relay in made:  # no callback raised (the reactor swallows and counts them)
-        assert dict(relay.reactor.errors) == {}, relay.client_log_stream.getvalue()
+    for dns in stubs:
+        dns.release.set()
 
 
 def test_dns_client_starts_before_the_name_resolves(inproc):
@@ -632,15 +434,15 @@ def test_dns_client_starts_before_the_name_resolves(inproc):
     relay = inproc(dns)
     server = relay.add_server()
     port = relay.address_of(server)[1]
-    client = relay.start_client(["relay.test:%d" % port])
-    relay.run_until(lambda: client.links[0].endpoint.failures >= 1, "a failed look-up")
+    client = relay.add_client(["relay.test:%d" % port])
+    relay.wait_for(lambda: client.links[0].endpoint.failures >= 1, "a failed look-up")
     assert relay.log_count("cannot resolve relay.test:%d" % port) == 1
     link = client.status()["links"][0]
     assert (link["state"], link["resolved"]) == ("down", "-")
     assert client.epoch is None
 
     dns.set(answer=relay.address_of(server))  # the retry (back-off from 1 s) finds it
-    relay.run_until(lambda: client.epoch is not None, "the handshake")
+    relay.wait_for(lambda: client.epoch is not None, "the handshake")
     relay.round_trip(b"resolved late")
     link = client.status()["links"][0]
     assert link["resolved"] == "127.0.0.1:%d" % port
@@ -654,12 +456,12 @@ def test_dns_refresh_follows_a_moved_name(inproc):
     first = relay.add_emulator(relay.address_of(server))
     second = relay.add_emulator(relay.address_of(server))
     dns.set(answer=first.address)
-    client = relay.start_client(["relay.test:1"], dns_refresh_interval_sec=1)
+    client = relay.add_client(["relay.test:1"], dns_refresh_interval_sec=1)
     relay.round_trip(b"via the first address")
     assert first.counters["up_out"] > 0 and second.counters["up_in"] == 0
 
     dns.set(answer=second.address)
-    relay.run_until(lambda: client.links[0].addr == second.address, "the refresh to the second address")
+    relay.wait_for(lambda: client.links[0].addr == second.address, "the refresh to the second address")
     relay.round_trip(b"via the second address")
     moved = first.counters
     before = second.counters
@@ -677,12 +479,12 @@ def test_dns_refresh_follows_a_name_to_another_server(inproc):
     relay = inproc(dns)
     old, new = relay.add_server(), relay.add_server()  # same keys, another port (e.g. a replaced frp host)
     dns.set(answer=relay.address_of(old))
-    client = relay.start_client(["relay.test:1"], dns_refresh_interval_sec=1)
+    client = relay.add_client(["relay.test:1"], dns_refresh_interval_sec=1)
     relay.round_trip(b"old server")
     epoch = client.epoch.tag
 
     dns.set(answer=relay.address_of(new))
-    relay.run_until(lambda: client.links[0].addr == relay.address_of(new), "the refresh to the new server")
+    relay.wait_for(lambda: client.links[0].addr == relay.address_of(new), "the refresh to the new server")
     took = relay.round_trip(b"new server")  # it does not know our epoch: the client must notice and re-handshake
     print("\nname moved to another server: traffic again after %.2fs" % took)
     assert client.epoch.tag != epoch
@@ -696,21 +498,21 @@ def test_dns_failed_refresh_keeps_the_address_and_logs_once(inproc):
     server = relay.add_server()
     address = relay.address_of(server)
     dns.set(answer=address)
-    client = relay.start_client(["relay.test:1"], dns_refresh_interval_sec=1)
+    client = relay.add_client(["relay.test:1"], dns_refresh_interval_sec=1)
     relay.round_trip(b"resolved")
     endpoint = client.links[0].endpoint
 
     dns.set(answer=None)
-    relay.run_until(lambda: endpoint.failures >= 2, "two failed refreshes")
+    relay.wait_for(lambda: endpoint.failures >= 2, "two failed refreshes")
     assert client.links[0].addr == address
     assert relay.log_count("cannot resolve relay.test:1") == 1
     assert relay.log_count("keeping %s" % mpudp.format_address(address)) == 1
     relay.round_trip(b"still flowing")
 
     dns.set(answer=address)  # a success, then a new failure is logged again (once)
-    relay.run_until(lambda: endpoint.failures == 0, "a successful refresh")
+    relay.wait_for(lambda: endpoint.failures == 0, "a successful refresh")
     dns.set(answer=None)
-    relay.run_until(lambda: endpoint.failures >= 1, "another failed refresh")
+    relay.wait_for(lambda: endpoint.failures >= 1, "another failed refresh")
     assert relay.log_count("cannot resolve relay.test:1") == 2
     assert client.links[0].addr == address
 
@@ -721,11 +523,11 @@ def test_dns_hung_refresh_does_not_stall_forwarding(inproc):
     relay = inproc(dns)
     server = relay.add_server()
     dns.set(answer=relay.address_of(server))
-    client = relay.start_client(["relay.test:1"], dns_refresh_interval_sec=1)
+    client = relay.add_client(["relay.test:1"], dns_refresh_interval_sec=1)
     relay.round_trip(b"resolved")
 
     dns.set(answer=relay.address_of(server), hang=True)
-    relay.run_until(dns.entered_hang.is_set, "a refresh that hangs")
+    relay.wait_for(dns.entered_hang.is_set, "a refresh that hangs")
     calls = dns.calls
     hung_at = time.monotonic()
     latencies = []
@@ -745,8 +547,8 @@ def test_dns_hung_first_lookup_does_not_stall_the_other_link(inproc):
     relay = inproc(dns)
     server = relay.add_server()
     literal = "%s:%d" % relay.address_of(server)
-    client = relay.start_client(["relay.test:1", literal])
-    relay.run_until(dns.entered_hang.is_set, "the look-up to hang")
+    client = relay.add_client(["relay.test:1", literal])
+    relay.wait_for(dns.entered_hang.is_set, "the look-up to hang")
     relay.round_trip(b"first")  # may wait for the handshake and for the literal link to come up
     latencies = [relay.round_trip(b"literal link %d" % i, timeout=5.0) for i in range(10)]
     assert max(latencies) < 0.5, "forwarding stalled: %r" % latencies
@@ -769,21 +571,21 @@ def test_recovered_link_needs_recovery_answers_intervals_to_be_steady(inproc):
     relay = inproc(dns)
     server = relay.add_server()
     links = [relay.add_emulator(relay.address_of(server)) for _ in range(2)]
-    client = relay.start_client(["%s:%d" % link.address for link in links], heartbeat_interval_sec=interval)
-    relay.run_until(lambda: all(l.health.steady for l in client.links), "both links steady")
+    client = relay.add_client(["%s:%d" % link.address for link in links], heartbeat_interval_sec=interval)
+    relay.wait_for(lambda: all(l.health.steady for l in client.links), "both links steady")
     index = 1 - client.active.index
     health = client.links[index].health
     links[index].set(blackhole=True)
-    relay.run_until(lambda: not health.up, "the link down")
+    relay.wait_for(lambda: not health.up, "the link down")
     # Down for a while: two more heartbeats lost, so the fast probes of the last moments it was up
     # are over.  (A link back within one fast probe of being declared down gets its next answer
     # from the probe still scheduled, 50 ms later: steady after ~interval + 50 ms, not 2 intervals.)
     dropped = links[index].counters["up_dropped"]
-    relay.run_until(lambda: links[index].counters["up_dropped"] >= dropped + 2, "two more heartbeats lost")
+    relay.wait_for(lambda: links[index].counters["up_dropped"] >= dropped + 2, "two more heartbeats lost")
     links[index].set(blackhole=False)
-    relay.run_until(lambda: health.up, "the link up again")
+    relay.wait_for(lambda: health.up, "the link up again")
     up_at = health.changed_at
-    relay.run_until(lambda: health.steady, "the link steady")
+    relay.wait_for(lambda: health.steady, "the link steady")
     steady_at = relay.reactor.time()
     print("\nsteady %.2fs after up (heartbeat %.1fs)" % (steady_at - up_at, interval))
     assert steady_at - up_at >= (mpudp.RECOVERY_ANSWERS - 1) * interval - 0.1  # 0.1: the loop's lateness
@@ -797,7 +599,7 @@ def test_recovered_link_needs_recovery_answers_intervals_to_be_steady(inproc):
 def _lose_echoes_until_down(relay, emulator, health):
     """Drop every echo on `emulator` until the client calls the link down, then let them through."""
     emulator.set(loss_down=1.0)
-    relay.run_until(lambda: not health.up, "the link down")
+    relay.wait_for(lambda: not health.up, "the link down")
     emulator.set(loss_down=0.0)
 
 
@@ -806,13 +608,13 @@ def test_loss_direction_when_only_echoes_were_lost(inproc):
     relay = inproc(StubDNS())
     server = relay.add_server()
     emulators = [relay.add_emulator(relay.address_of(server)) for _ in range(2)]
-    client = relay.start_client(["%s:%d" % e.address for e in emulators])
-    relay.run_until(lambda: all(l.health.steady for l in client.links), "both links steady")
+    client = relay.add_client(["%s:%d" % e.address for e in emulators])
+    relay.wait_for(lambda: all(l.health.steady for l in client.links), "both links steady")
     index = 1 - client.active.index  # the other link stays up: no new epoch
     health = client.links[index].health
     epoch = client.epoch.tag
     _lose_echoes_until_down(relay, emulators[index], health)
-    relay.run_until(lambda: health.consecutive_ok >= 2, "two answers again")
+    relay.wait_for(lambda: health.consecutive_ok >= 2, "two answers again")
     assert client.epoch.tag == epoch
     assert emulators[index].counters["up_dropped"] == 0
     assert health.loss_up() < 0.1, "heartbeats that reached the server counted as uplink loss"
@@ -825,15 +627,15 @@ def test_loss_direction_survives_a_new_epoch(inproc):
     relay = inproc(StubDNS())
     server = relay.add_server()
     emulator = relay.add_emulator(relay.address_of(server))
-    client = relay.start_client(["%s:%d" % emulator.address])
+    client = relay.add_client(["%s:%d" % emulator.address])
     health = client.links[0].health
-    relay.run_until(lambda: health.steady, "the link steady")
+    relay.wait_for(lambda: health.steady, "the link steady")
     epoch = client.epoch.tag
     _lose_echoes_until_down(relay, emulator, health)  # the only link: the client re-handshakes
-    relay.run_until(lambda: client.epoch.tag != epoch and server.peers[0].epoch.tag == client.epoch.tag,
+    relay.wait_for(lambda: client.epoch.tag != epoch and server.peers[0].epoch.tag == client.epoch.tag,
                     "the new epoch on both sides")
     answered = health.consecutive_ok
-    relay.run_until(lambda: health.consecutive_ok >= answered + 2, "two answers in the new epoch")
+    relay.wait_for(lambda: health.consecutive_ok >= answered + 2, "two answers in the new epoch")
     assert emulator.counters["up_dropped"] == 0, "no heartbeat was lost on the way to the server"
     print("\nafter a new epoch: loss_up %.2f loss_down %.2f" % (health.loss_up(), health.loss_down() or 0))
     assert health.loss_up() < 0.1, "heartbeats that reached the server counted as uplink loss"
@@ -849,19 +651,19 @@ def test_link_back_at_once_after_down_is_not_steady_sooner(inproc):
     relay = inproc(StubDNS())
     server = relay.add_server()
     links = [relay.add_emulator(relay.address_of(server)) for _ in range(2)]
-    client = relay.start_client(["%s:%d" % link.address for link in links], heartbeat_interval_sec=interval)
-    relay.run_until(lambda: all(l.health.steady for l in client.links), "both links steady")
+    client = relay.add_client(["%s:%d" % link.address for link in links], heartbeat_interval_sec=interval)
+    relay.wait_for(lambda: all(l.health.steady for l in client.links), "both links steady")
     index = 1 - client.active.index
     health = client.links[index].health
     links[index].set(blackhole=True)
-    relay.run_until(lambda: health.consecutive_fail >= max(1, health.max_consecutive_fail - 1), "all but one miss")
+    relay.wait_for(lambda: health.consecutive_fail >= max(1, health.max_consecutive_fail - 1), "all but one miss")
     # Back now, with 40 ms each way (80 ms RTT, inside the 100 ms heartbeat timeout): the probe still
     # lost makes the link down, the probes sent just before and after answer right after that.
     links[index].set(blackhole=False, delay_s=0.04)
-    relay.run_until(lambda: not health.up, "the link down")
-    relay.run_until(lambda: health.up, "the link up again")
+    relay.wait_for(lambda: not health.up, "the link down")
+    relay.wait_for(lambda: health.up, "the link up again")
     up_at = health.changed_at
-    relay.run_until(lambda: health.steady, "the link steady")
+    relay.wait_for(lambda: health.steady, "the link steady")
     steady_at = relay.reactor.time()
     print("\nback at once: steady %.2fs after up (heartbeat %.1fs)" % (steady_at - up_at, interval))
     assert steady_at - up_at >= (mpudp.RECOVERY_ANSWERS - 1) * interval - 0.1  # 0.1: the loop's lateness
