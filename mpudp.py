@@ -106,6 +106,8 @@ TYPE_ECHO = 3
 TYPE_HELLO = 4
 TYPE_WELCOME = 5
 TYPE_COOKIE = 6
+TYPE_CHALLENGE = 7  # server -> client: prove you receive at the address this came to
+TYPE_RESPONSE = 8  # client -> server: the challenge's token, from that address
 TYPE_MASK = 0x0F
 FLAG_ACTIVE = 0x80  # "the server should send replies back over this link"
 COPIES_SHIFT = 4  # bits 4-6 of the first byte, on ACTIVE packets: copies sent downstream, minus 1
@@ -119,8 +121,17 @@ NONCE_SIZE = 16
 HELLO_PAYLOAD = struct.Struct("!16s16s")  # client nonce, cookie (zeros until the server sent one)
 WELCOME_PAYLOAD = struct.Struct("!16s16s")  # client nonce, server nonce
 COOKIE_PAYLOAD = struct.Struct("!16s16s")  # client nonce, cookie
-HEARTBEAT_PAYLOAD = struct.Struct("!II")  # heartbeat seq on this link, reserved
-ECHO_PAYLOAD = struct.Struct("!II")  # heartbeat seq echoed, bitmap of the last 32 received
+# What a HEARTBEAT says: its seq on this link, reserved, and the client's counts
+# of DATA it sent and received on this link; an ECHO: the seq, a bitmap of the
+# last 32 heartbeats received, and the server's counts of the client's DATA
+# received on this link and of DATA sent to the client on it (DataLiveness).
+HEARTBEAT_PAYLOAD = struct.Struct("!IIII")
+ECHO_PAYLOAD = struct.Struct("!IIII")
+PATH_TOKEN = struct.Struct("!Q")  # CHALLENGE and RESPONSE payload
+COUNT_MASK = 0xFFFFFFFF  # counts on the wire wrap at 32 bits
+# The wire protocol's version, in the sequence-number bits of the nonce of
+# HELLO, WELCOME and COOKIE (0 there in version 1).  Both ends must agree.
+PROTOCOL_VERSION = 2
 
 REPLAY_WINDOW_SIZE = 2048  # packets; reordering deeper than this is dropped
 PENDING_EPOCHS_PER_CLIENT = 4
@@ -146,6 +157,9 @@ HELLO_TRIES_BEFORE_WARNING = 10
 HELLO_FIRST_RETRY_S = 0.05  # doubling up to the heartbeat interval
 NEVER_ANSWERED_HEARTBEATS = 10  # a link silent since start says so once, after this many
 AUTO_REDUNDANCY_HEARTBEATS = 10  # "auto" duplicates while the active link missed one of its last 10
+DATA_LOST_PACKETS = 16  # DATA sent one way on a link in a row, none of it arrived: it carries no data
+DATA_RETRY_FIRST_S = 10.0  # an unfit link is tried again after this, doubling up to the ceiling
+DATA_RETRY_CEILING_S = 300.0
 DNS_RETRY_FLOOR_S = 1.0
 DNS_RETRY_CEILING_S = 60.0
 SCORE_FILE_MIN_INTERVAL_S = 1.0
@@ -153,9 +167,14 @@ SCORE_FILE_MIN_INTERVAL_S = 1.0
 # Housekeeping.
 SWEEP_INTERVAL_CEILING_S = 5.0
 DROP_SUMMARY_INTERVAL_S = 60.0
+VERSION_LOG_INTERVAL_S = 60.0  # "the other end speaks another protocol version"
 ERROR_LOG_INTERVAL_S = 10.0
 PATH_LINE_INTERVAL_S = 10.0  # "replies now go by ...": at most PATH_LINES_PER_INTERVAL lines per client
 PATH_LINES_PER_INTERVAL = 5
+UNVALIDATED_BYTES_FACTOR = 3  # replies to an address not yet validated: 3x what came from it (RFC 9000 8.1)
+MAX_UNVALIDATED_PATHS = 8  # per client, oldest forgotten first
+MAX_VALIDATED_PATHS = 64
+CHALLENGES_PER_ADDRESS_PER_S, CHALLENGE_BURST = 1.0, 2  # a lost challenge is sent again, at most this often
 SOCKET_BUFFER_BYTES = 1 << 20
 # File descriptors the server keeps free of sessions: stdio, the listen and
 # signal sockets, the resolver's socketpair and look-ups, the status, metrics
@@ -410,6 +429,11 @@ def epoch_keys(secret: bytes, client_nonce: bytes, server_nonce: bytes) -> Tuple
     return kdf(master, b"data c2s"), kdf(master, b"data s2c")
 
 
+def handshake_nonce(tag: int) -> int:
+    """The nonce field of HELLO, WELCOME and COOKIE: the epoch tag and the protocol version."""
+    return tag << SEQ_BITS | PROTOCOL_VERSION
+
+
 def epoch_tag(client_nonce: bytes) -> int:
     """The 16-bit epoch tag carried in every nonce: the client nonce's first two bytes."""
     return (client_nonce[0] << 8) | client_nonce[1]
@@ -536,6 +560,14 @@ class Epoch:
             return "auth"
         window.mark(seq)
         return ""
+
+    def authentic(self, view: memoryview, off: int, n: int) -> bool:
+        """Does the packet's MAC verify?  For a copy the window already saw (redundancy):
+        it is dropped all the same, but it counts as data that crossed its link."""
+        end = off + n - MAC_SIZE
+        m = self.rx_mac.copy()
+        m.update(view[off:end])
+        return compare_digest(m.digest(), view[end:end + MAC_SIZE])
 
 
 # ============================================================================
@@ -745,6 +777,57 @@ class ThroughputMeter:
             return 0.0
         (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
         return (b1 - b0) * 8 / 1000.0 / (t1 - t0) if t1 > t0 else 0.0
+
+
+class DataLiveness:
+    """Does a link carry data, each way?  Heartbeats alone cannot tell: a path may drop
+    only DATA (the type is in the clear) or only large datagrams (an MTU black hole:
+    PPPoE, LTE, a tunnel in a tunnel) and still answer every 48-byte heartbeat.
+
+    Each HEARTBEAT carries the client's counts of DATA sent and received on its link,
+    each ECHO the server's.  When none of the last DATA_LOST_PACKETS data packets sent
+    one way on the link arrived (over one echo or several in a row), the link is
+    unfit for data, whatever its heartbeats say.  Random loss is not that: even at 50%
+    a run of 16 lost in a row comes once in 65,536.  Its heartbeats go on measuring
+    it, and it is tried again after a hold that doubles while data keeps failing on
+    it.  Pure: counts and `now` in, a verdict out."""
+
+    __slots__ = ("unfit_until", "hold_s", "lost_way", "_last", "_unanswered_up", "_unanswered_down")
+
+    def __init__(self) -> None:
+        self.unfit_until = None  # type: Optional[float]
+        self.hold_s = DATA_RETRY_FIRST_S
+        self.lost_way = ""  # "up" or "down": which way data was lost last
+        self._last = None  # type: Optional[Tuple[int, int, int, int]]  # the counts at the last echo
+        self._unanswered_up = 0  # sent since data last arrived at the server
+        self._unanswered_down = 0  # sent by the server since data last arrived here
+
+    def fit(self, now: float) -> bool:
+        return self.unfit_until is None or now >= self.unfit_until
+
+    def on_echo(self, sent_at_heartbeat: int, received_now: int, server_rx: int, server_tx: int,
+                now: float) -> bool:
+        """One echo's counts (ours wrap as the wire's do); True if the link just became unfit."""
+        counts = (sent_at_heartbeat & COUNT_MASK, server_rx, server_tx, received_now & COUNT_MASK)
+        last, self._last = self._last, counts
+        if last is None:
+            return False
+        sent, arrived, server_sent, received = ((new - old) & COUNT_MASK for new, old in zip(counts, last))
+        if max(sent, arrived, server_sent, received) >= 1 << 31:
+            return False  # a count went back: a new server, or an echo older than the last
+        self._unanswered_up = 0 if arrived else self._unanswered_up + sent
+        self._unanswered_down = 0 if received else self._unanswered_down + server_sent
+        if arrived or received:
+            self.hold_s = DATA_RETRY_FIRST_S  # it carries data: the next failure waits little
+        up_failed = self._unanswered_up >= DATA_LOST_PACKETS
+        down_failed = self._unanswered_down >= DATA_LOST_PACKETS
+        if not (up_failed or down_failed) or not self.fit(now):
+            return False
+        self.lost_way = "up" if up_failed else "down"
+        self.unfit_until = now + self.hold_s
+        self.hold_s = min(self.hold_s * 2, DATA_RETRY_CEILING_S)
+        self._unanswered_up = self._unanswered_down = 0  # count afresh for the next verdict
+        return True
 
 
 class Candidate:
@@ -1695,6 +1778,8 @@ class ClientLink:
         self.on_send_error = None  # type: Optional[Callable[[OSError], None]]  # what the data path reports to
         self.tx_bytes = self.tx_packets = 0  # what went out and came in on this link, data and control
         self.rx_bytes = self.rx_packets = 0
+        self.data_sent = self.data_received = 0  # DATA only, copies included: what heartbeats report
+        self.liveness = DataLiveness()
         self.switches = 0  # times this link became the active one
 
     @property
@@ -1771,7 +1856,8 @@ class ClientControl:
     """What the client's data path reports to; each call comes after the drain that saw it."""
 
     def on_handshake_packet(self, link: ClientLink, packet: bytes) -> None: ...
-    def on_echo(self, link: ClientLink, seq: int, bitmap: int) -> None: ...
+    def on_echo(self, link: ClientLink, seq: int, bitmap: int, server_rx: int, server_tx: int) -> None: ...
+    def on_challenge(self, link: ClientLink, token: int) -> None: ...
     def on_send_error(self, link: ClientLink, exc: OSError) -> None: ...
 
 
@@ -1868,6 +1954,7 @@ class ClientDataPath:
         batch.flush()
         link.tx_bytes += batch.sent_bytes - bytes_before
         link.tx_packets += batch.sent_packets - packets_before
+        link.data_sent += batch.sent_packets - packets_before
 
     def _send_copies(self, carriers: Tuple[ClientLink, ...], epoch: Epoch) -> None:
         """Redundancy: one sequence number for all copies, so the server takes the first to
@@ -1900,6 +1987,7 @@ class ClientDataPath:
                 else:
                     link.tx_bytes += length
                     link.tx_packets += 1
+                    link.data_sent += 1
 
     def _drain_without_route(self) -> None:
         """No epoch or no link to send on (yet, or any more): read and count, so the socket
@@ -1993,17 +2081,20 @@ class ClientDataPath:
                     drop = epoch.open(view, off, n, nonce & SEQ_MASK)
                     if drop:
                         counters.add(drop)
+                        if drop == "duplicate" and kind == TYPE_DATA and epoch.authentic(view, off, n):
+                            link.data_received += 1  # the other copy came first: this link carried it too
                         continue
                     link.rx_bytes += n
                     link.rx_packets += 1
                     if kind == TYPE_DATA:
+                        link.data_received += 1
                         self._deliver(session_id, view[off + HEADER_SIZE:off + n - MAC_SIZE])
+                    elif link_index != link.index and kind != TYPE_DATA:
+                        counters.add("wrong_link")  # an echo or challenge copied onto another link's socket
                     elif kind == TYPE_ECHO and n == OVERHEAD + ECHO_PAYLOAD.size:
-                        if link_index != link.index:  # an echo copied onto another link's socket
-                            counters.add("wrong_link")
-                            continue
-                        hb_seq, bitmap = ECHO_PAYLOAD.unpack_from(buf, off + HEADER_SIZE)
-                        call_soon(self.control.on_echo, link, hb_seq, bitmap)
+                        call_soon(self.control.on_echo, link, *ECHO_PAYLOAD.unpack_from(buf, off + HEADER_SIZE))
+                    elif kind == TYPE_CHALLENGE and n == OVERHEAD + PATH_TOKEN.size:
+                        call_soon(self.control.on_challenge, link, PATH_TOKEN.unpack_from(buf, off + HEADER_SIZE)[0])
                     else:
                         counters.add("bad_type")
         except OSError as exc:  # e.g. ECONNREFUSED reported for an earlier send
@@ -2096,7 +2187,7 @@ class ClientHandshake:
         if link.sock is None or self.nonce is None:
             return
         packet = seal(self.static.hello_mac, TYPE_HELLO, link.index, self.client_id, 0,
-                      epoch_tag(self.nonce) << SEQ_BITS,
+                      handshake_nonce(epoch_tag(self.nonce)),
                       HELLO_PAYLOAD.pack(self.nonce, self._cookies.get(link, bytes(NONCE_SIZE))))
         exc = link.send(memoryview(packet), self.counters)
         if exc is not None:
@@ -2109,6 +2200,13 @@ class ClientHandshake:
             return
         if not verify(self.static.welcome_mac, packet, len(packet)):
             self.counters.add("auth")
+            return
+        version = HEADER.unpack_from(packet)[4] & SEQ_MASK
+        if version != PROTOCOL_VERSION:
+            self.counters.add("old_version")
+            self.log.every("server-version", VERSION_LOG_INTERVAL_S, "error", (
+                "the server answers in wire protocol version %d, this client speaks %d: run the same mpudp "
+                "version on both ends" % (version or 1, PROTOCOL_VERSION)))
             return
         client_nonce, value = WELCOME_PAYLOAD.unpack_from(packet, HEADER_SIZE)
         if client_nonce == self.done_nonce:
@@ -2146,7 +2244,8 @@ class LinkMonitor:
 
     def __init__(self, reactor: Reactor, counters: Counters, client_id: int, data: ClientDataPath,
                  on_up: Callable[[ClientLink], None], on_down: Callable[[ClientLink], None],
-                 on_never_answered: Callable[[ClientLink], None] = lambda link: None) -> None:
+                 on_never_answered: Callable[[ClientLink], None] = lambda link: None,
+                 on_data_lost: Callable[[ClientLink], None] = lambda link: None) -> None:
         self.reactor = reactor
         self.counters = counters
         self.client_id = client_id
@@ -2154,6 +2253,7 @@ class LinkMonitor:
         self.on_up = on_up
         self.on_down = on_down
         self.on_never_answered = on_never_answered
+        self.on_data_lost = on_data_lost
         self.interval_s = 1.0  # heartbeat_interval_sec, set by the Client
         self._beats = {}  # type: Dict[ClientLink, _LinkBeats]
         self._ctl = bytearray(OVERHEAD + HEARTBEAT_PAYLOAD.size)
@@ -2201,11 +2301,13 @@ class LinkMonitor:
             return
         beats.seq = seq = beats.seq % 0xFFFFFFFF + 1
         ctl = self._ctl
-        HEARTBEAT_PAYLOAD.pack_into(ctl, HEADER_SIZE, seq, 0)
+        HEARTBEAT_PAYLOAD.pack_into(ctl, HEADER_SIZE, seq, 0, link.data_sent & COUNT_MASK,
+                                    link.data_received & COUNT_MASK)
         length = seal_into(ctl, epoch.tx_mac, self.data.route.heartbeat_flags(link), link.index, self.client_id,
                            0, epoch.next_nonce(), HEARTBEAT_PAYLOAD.size)
         link.health.on_sent(seq, now)
         beats.timeouts[seq] = self.reactor.call_at(now + link.health.timeout(), self._timed_out, link, seq)
+        beats.data_sent_at[seq] = link.data_sent
         exc = link.send(memoryview(ctl)[:length], self.counters)
         if exc is not None:
             link.on_send_error(exc)
@@ -2213,6 +2315,7 @@ class LinkMonitor:
     def _timed_out(self, link: ClientLink, seq: int) -> None:
         beats = self._beats[link]
         del beats.timeouts[seq]
+        beats.data_sent_at.pop(seq, None)
         now = self.reactor.time()
         health = link.health
         went_down = health.on_timeout(seq, now)
@@ -2223,26 +2326,31 @@ class LinkMonitor:
         elif health.last_answer_at is None and health.consecutive_fail == NEVER_ANSWERED_HEARTBEATS:
             self.on_never_answered(link)
 
-    def on_echo(self, link: ClientLink, seq: int, bitmap: int) -> None:
+    def on_echo(self, link: ClientLink, seq: int, bitmap: int, server_rx: int, server_tx: int) -> None:
         beats = self._beats.get(link)
         if beats is None:
             return  # the link was removed by a reload
-        timer = beats.timeouts.pop(seq, None)
-        self.reactor.cancel(timer)
-        if link.health.on_echo(seq, bitmap, self.reactor.time()):
+        self.reactor.cancel(beats.timeouts.pop(seq, None))
+        now = self.reactor.time()
+        sent_at_heartbeat = beats.data_sent_at.pop(seq, None)
+        if link.health.on_echo(seq, bitmap, now):
             self.on_up(link)
+        if sent_at_heartbeat is not None and link.liveness.on_echo(sent_at_heartbeat, link.data_received,
+                                                                   server_rx, server_tx, now):
+            self.on_data_lost(link)
 
 
 class _LinkBeats:
     """One link's heartbeat counter and timers (LinkMonitor's own)."""
 
-    __slots__ = ("seq", "next_at", "timer", "timeouts")
+    __slots__ = ("seq", "next_at", "timer", "timeouts", "data_sent_at")
 
     def __init__(self) -> None:
         self.seq = 0
         self.next_at = 0.0
         self.timer = None  # type: Optional[Timer]
         self.timeouts = {}  # type: Dict[int, Timer]  # heartbeat seq -> its timeout
+        self.data_sent_at = {}  # type: Dict[int, int]  # heartbeat seq -> the link's DATA count then
 
 
 class Steering:
@@ -2260,17 +2368,18 @@ class Steering:
         self.policy = SwitchPolicy(config.switch_threshold, config.throughput_threshold_kbps,
                                    max(MIN_DWELL_FLOOR_S, MIN_DWELL_HEARTBEATS * config.heartbeat_interval_s))
 
-    def candidates(self, links: Sequence[ClientLink]) -> List[Candidate]:
+    def candidates(self, links: Sequence[ClientLink], now: float) -> List[Candidate]:
+        """Up: answering heartbeats, with a socket, and carrying data (DataLiveness)."""
         cfg = self.config
-        return [Candidate(link.health.up and link.sock is not None, link.health.steady,
+        return [Candidate(link.health.up and link.sock is not None and link.liveness.fit(now), link.health.steady,
                           link.health.score(cfg.loss_weight, cfg.rtt_weight, link.priority),
                           link.meter.kbps())
                 for link in links]
 
     def first_choice(self, links: Sequence[ClientLink], now: float) -> Route:
-        self.active = links[self.policy.choose(self.candidates(links), None, None, now)[0]]
+        self.active = links[self.policy.choose(self.candidates(links, now), None, None, now)[0]]
         self.log.info("first choice: %s carries the traffic" % self.active.name)
-        return self.route(links, self.candidates(links))
+        return self.route(links, self.candidates(links, now))
 
     def forget(self, link: ClientLink) -> None:
         """A link removed by a reload: if it was active, the next evaluation chooses anew."""
@@ -2279,7 +2388,7 @@ class Steering:
 
     def evaluate(self, links: Sequence[ClientLink], now: float) -> Route:
         """Switch if the policy says so; the route that follows."""
-        candidates = self.candidates(links)
+        candidates = self.candidates(links, now)
         active = self.active.index if self.active is not None else None
         index, reason = self.policy.choose(candidates, active, self.last_switch_at, now)
         if reason:
@@ -2341,7 +2450,8 @@ class Client(ClientControl):
         self.handshake = ClientHandshake(reactor, log, self.counters, self.static, config.client_id,
                                          lambda: self.links, self._on_new_epoch)
         self.monitor = LinkMonitor(reactor, self.counters, config.client_id, self.data,
-                                   self._on_link_up, self._on_link_down, self._on_link_never_answered)
+                                   self._on_link_up, self._on_link_down, self._on_link_never_answered,
+                                   self._on_data_lost)
         self.steering = Steering(config, log)
         self._apply_intervals(config)
         self._evaluation = None  # type: Optional[Periodic]
@@ -2412,8 +2522,20 @@ class Client(ClientControl):
     def on_handshake_packet(self, link: ClientLink, packet: bytes) -> None:
         self.handshake.on_packet(link, packet)
 
-    def on_echo(self, link: ClientLink, seq: int, bitmap: int) -> None:
-        self.monitor.on_echo(link, seq, bitmap)
+    def on_echo(self, link: ClientLink, seq: int, bitmap: int, server_rx: int, server_tx: int) -> None:
+        self.monitor.on_echo(link, seq, bitmap, server_rx, server_tx)
+
+    def on_challenge(self, link: ClientLink, token: int) -> None:
+        """The server asks whether we receive at the address it saw this link's packets
+        come from: answer from this link's socket (PROTOCOL.md, "Return path")."""
+        epoch = self.data.epoch
+        if epoch is None or link.sock is None or link not in self.links:
+            return
+        packet = seal(epoch.tx_mac, TYPE_RESPONSE, link.index, self.config.client_id, 0, epoch.next_nonce(),
+                      PATH_TOKEN.pack(token))
+        exc = link.send(memoryview(packet), self.counters)
+        if exc is not None:
+            link.on_send_error(exc)
 
     def on_send_error(self, link: ClientLink, exc: OSError) -> None:
         if link not in self.links:
@@ -2444,6 +2566,15 @@ class Client(ClientControl):
     def _on_link_never_answered(self, link: ClientLink) -> None:
         self.log.warn("%s: none of its %d heartbeats was ever answered; is %s the server's address (or its "
                       "frp server's) as seen from here?" % (link.name, NEVER_ANSWERED_HEARTBEATS, link.endpoint.text))
+
+    def _on_data_lost(self, link: ClientLink) -> None:
+        liveness = link.liveness
+        self.log.warn("%s answers heartbeats but carries no data: none of the last %d data packets %s; "
+                      "unfit for data for %.0fs (a path that drops DATA, or large datagrams)" % (
+                          link.name, DATA_LOST_PACKETS,
+                          "sent on it reached the server" if liveness.lost_way == "up" else "the server sent on it "
+                          "arrived", liveness.unfit_until - self.reactor.time()))
+        self._steer()
 
     def _on_link_down(self, link: ClientLink) -> None:
         self.log.info("%s down after %d missed heartbeats" % (link.name, link.health.consecutive_fail))
@@ -2611,7 +2742,7 @@ class Client(ClientControl):
         now = self.reactor.time()
         carriers = self.data.route.carriers
         links = []
-        for link, cand in zip(self.links, self.steering.candidates(self.links)):
+        for link, cand in zip(self.links, self.steering.candidates(self.links, now)):
             health = link.health
             links.append({
                 "index": link.index,
@@ -2632,6 +2763,8 @@ class Client(ClientControl):
                 "carrier": link in carriers,
                 "switches": link.switches,
                 "last_answer_age_s": None if health.last_answer_at is None else round(now - health.last_answer_at, 1),
+                "data": "ok" if link.liveness.fit(now) else "unfit %s, tried again in %.0fs" % (
+                    link.liveness.lost_way, link.liveness.unfit_until - now),
                 "tx_packets": link.tx_packets, "tx_bytes": link.tx_bytes,
                 "rx_packets": link.rx_packets, "rx_bytes": link.rx_bytes,
             })
@@ -2942,43 +3075,113 @@ def log_counter_summary(log: Log, who: str, counters: Counters, last: Optional[D
 # moved return path).
 
 
+class Unvalidated:
+    """An address a client's ACTIVE packets came from that has not answered a challenge."""
+
+    __slots__ = ("token", "budget", "link", "seq", "copies_bits")
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+        self.budget = 0  # bytes the server may still send it: 3 x what came from it, less what went
+        self.link = self.seq = self.copies_bits = 0  # its newest ACTIVE packet's
+
+
+# ReturnPath.observe's verdicts.
+PATH_SAME, PATH_MOVED, PATH_CHALLENGE = 0, 1, 2
+
+
 class ReturnPath:
     """Where a client's replies go (PROTOCOL.md, "Return path"): the link and address of
     its newest ACTIVE packet and, with redundancy, the links of the next newest, COPIES
     + 1 in all.  It is shown fresh, authenticated packets only, and an ACTIVE packet
-    older than the newest never moves the path back."""
+    older than the newest never moves the path back.
 
-    __slots__ = ("addr", "link", "seq", "copies_bits", "addrs", "links", "_carriers")
+    An address moves the path only once it has answered a challenge (QUIC's path
+    validation, RFC 9000 section 8.2): an on-path party that races a copy of a packet
+    from another address must not turn the replies onto it.  Until then that
+    address gets replies as well as the validated path, but at most 3x the bytes
+    that came from it (RFC 9000 section 8.1), so a NAT that rebinds loses nothing
+    for the round trip the challenge takes, and a racer gets little."""
+
+    __slots__ = ("addr", "link", "seq", "copies_bits", "addrs", "links", "unvalidated", "_validated",
+                 "_carriers", "_validated_addrs")
 
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
         """No path: the client fell silent."""
-        self.addr = None  # type: Optional[tuple]  # the newest ACTIVE packet's source address
+        self.addr = None  # type: Optional[tuple]  # the newest validated ACTIVE packet's source address
         self.link = 0  # its link
         self.seq = 0  # its sequence number
         self.copies_bits = 0  # its COPIES field
         self.addrs = []  # type: List[tuple]  # every reply goes to each of these
-        self.links = ()  # type: Tuple[Tuple[int, tuple], ...]  # (link, address) of those, sorted
+        self.links = ()  # type: Tuple[Tuple[int, tuple], ...]  # (link, address) of the validated ones, sorted
+        self.unvalidated = {}  # type: Dict[tuple, Unvalidated]  # oldest first
+        self._validated = {}  # type: Dict[tuple, bool]  # addresses that answered a challenge, oldest first
         self._carriers = {}  # type: Dict[int, Tuple[tuple, int]]  # link -> (address, newest ACTIVE seq)
+        self._validated_addrs = []  # type: List[tuple]
 
     def new_epoch(self) -> None:
         """Sequence numbers start again; the addresses stay until newer packets move them."""
         self.seq = 0
         self._carriers = {link: (addr, 0) for link, (addr, _seq) in self._carriers.items()}
+        for candidate in self.unvalidated.values():
+            candidate.seq = 0
 
-    def observe(self, link: int, addr: tuple, seq: int, copies_bits: int) -> bool:
-        """An ACTIVE packet came in; True if the set of (link, address) replies go to changed."""
+    def observe(self, link: int, addr: tuple, seq: int, copies_bits: int, size: int) -> int:
+        """An ACTIVE packet of `size` bytes came in: PATH_MOVED if the (link, address) pairs
+        replies go to changed, PATH_CHALLENGE if its address must prove it receives first."""
+        if addr not in self._validated:
+            return self._unvalidated(link, addr, seq, copies_bits, size)
         if seq > self.seq:
             changed = False
             if addr != self.addr or link != self.link or copies_bits != self.copies_bits:
                 changed = self._move(link, addr, seq, copies_bits)
             self.seq = seq
-            return changed
-        if self.copies_bits and link != self.link:
-            return self._note_carrier(link, addr, seq)
-        return False
+            return PATH_MOVED if changed else PATH_SAME
+        if self.copies_bits and link != self.link and self._note_carrier(link, addr, seq):
+            return PATH_MOVED
+        return PATH_SAME
+
+    def validate(self, addr: tuple, token: int) -> bool:
+        """A RESPONSE came from `addr`: if it carries that address's token, the address is
+        validated and its newest ACTIVE packet applies now.  True if the path moved."""
+        candidate = self.unvalidated.get(addr)
+        if candidate is None or candidate.token != token:
+            return False
+        del self.unvalidated[addr]
+        self._validated[addr] = True
+        while len(self._validated) > MAX_VALIDATED_PATHS:
+            del self._validated[next(iter(self._validated))]
+        moved = self.observe(candidate.link, addr, candidate.seq, candidate.copies_bits, 0) == PATH_MOVED
+        self._retarget()
+        return moved
+
+    def spent(self, bytes_each: int) -> None:
+        """The data path sent `bytes_each` to every address in `addrs`: unvalidated ones pay."""
+        exhausted = False
+        for addr in self.addrs:
+            candidate = self.unvalidated.get(addr)
+            if candidate is not None:
+                candidate.budget -= bytes_each
+                exhausted = exhausted or candidate.budget <= 0
+        if exhausted:
+            self._retarget()
+
+    def _unvalidated(self, link: int, addr: tuple, seq: int, copies_bits: int, size: int) -> int:
+        candidate = self.unvalidated.get(addr)
+        if candidate is None:
+            while len(self.unvalidated) >= MAX_UNVALIDATED_PATHS:
+                del self.unvalidated[next(iter(self.unvalidated))]
+            candidate = self.unvalidated[addr] = Unvalidated(int.from_bytes(os.urandom(8), "big"))
+        had_budget = candidate.budget > 0
+        candidate.budget += UNVALIDATED_BYTES_FACTOR * size
+        if seq > candidate.seq:
+            candidate.link, candidate.seq, candidate.copies_bits = link, seq, copies_bits
+        if not had_budget:
+            self._retarget()
+        return PATH_CHALLENGE
 
     def _move(self, link: int, addr: tuple, seq: int, copies_bits: int) -> bool:
         paths = self._carriers
@@ -3006,12 +3209,19 @@ class ReturnPath:
         newest_first = sorted((other for other in paths if other != link), key=lambda other: paths[other][1],
                               reverse=True)
         others = newest_first[:copies - 1]
-        self.addrs = [self.addr] + [paths[other][0] for other in others]
+        self._validated_addrs = [self.addr] + [paths[other][0] for other in others]
+        self._retarget()
         links = tuple(sorted([(link, self.addr)] + [(other, paths[other][0]) for other in others]))
         if links == self.links:
             return False
         self.links = links
         return True
+
+    def _retarget(self) -> None:
+        """addrs: the validated path, and each unvalidated address newer than it with budget left."""
+        self.addrs = self._validated_addrs + [addr for addr, candidate in self.unvalidated.items()
+                                              if candidate.budget > 0 and candidate.seq > self.seq
+                                              and addr not in self._validated_addrs]
 
     def describe(self) -> str:
         """"link 0 (192.0.2.1:7)", "links 0 (…) + 1 (…)", for log lines."""
@@ -3033,6 +3243,19 @@ class ServerSession:
         self.last_active = now
 
 
+class PeerLink:
+    """What the server knows of one of a client's links: its heartbeats (the last seq and
+    a bitmap of the 32 before, for the echoes) and its DATA counts, both ways, which
+    the echoes carry back (DataLiveness), beside the client's own from its heartbeats."""
+
+    __slots__ = ("hb_last", "hb_bitmap", "data_received", "data_sent", "client_sent", "client_received")
+
+    def __init__(self) -> None:
+        self.hb_last = self.hb_bitmap = 0
+        self.data_received = self.data_sent = 0
+        self.client_sent = self.client_received = 0
+
+
 class Peer:
     """One client as the server knows it: keys, epochs, return path, sessions."""
 
@@ -3043,7 +3266,7 @@ class Peer:
         self.epoch = None  # type: Optional[Epoch]
         self.pending = {}  # type: Dict[int, Epoch]  # tag -> epoch, oldest first
         self.return_path = ReturnPath()
-        self.heartbeats = {}  # type: Dict[int, List[int]]  # link -> [last seq, bitmap]
+        self.links = {}  # type: Dict[int, PeerLink]  # by the link field of its packets
         self.sessions = {}  # type: Dict[int, ServerSession]
         self.packets = 0  # authenticated packets received (and rx_bytes their bytes)
         self.rx_bytes = 0
@@ -3058,6 +3281,12 @@ class Peer:
         self.path_announced = False  # "return path …" was logged; later moves say "replies now go by …"
         self.on_upstream_error = None  # type: Optional[Callable[[OSError], None]]  # the data path's, made once
 
+    def link(self, index: int) -> PeerLink:
+        found = self.links.get(index)
+        if found is None:
+            found = self.links[index] = PeerLink()  # at most 256: the field is a byte
+        return found
+
     def confirm(self, epoch: Epoch) -> None:
         """A packet verified under a pending epoch: it is the client's epoch from now on.
         Done by the data path itself, as wireguard-go's receive path confirms a keypair:
@@ -3071,9 +3300,11 @@ class ServerControl:
     """What the server's data path reports to; each call comes after the drain that saw it."""
 
     def on_hello(self, peer: Peer, link: int, addr: tuple, packet: bytes) -> None: ...
-    def on_heartbeat(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, hb_seq: int) -> None: ...
+    def on_heartbeat(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, hb_seq: int, client_sent: int,
+                     client_received: int) -> None: ...
     def on_epoch_confirmed(self, peer: Peer, epoch: Epoch) -> None: ...  # to log it
-    def on_return_path_moved(self, peer: Peer) -> None: ...
+    def on_return_path(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, size: int, verdict: int) -> None: ...
+    def on_path_response(self, peer: Peer, addr: tuple, token: int) -> None: ...
 
 
 class ServerDataPath:
@@ -3158,15 +3389,20 @@ class ServerDataPath:
                 drop = epoch.open(view, off, n, seq)
                 if drop:
                     counters.add(drop)
+                    if drop == "duplicate" and kind == TYPE_DATA and epoch.authentic(view, off, n):
+                        peer.link(link).data_received += 1  # a copy (redundancy): its link carried it too
                     continue
                 if epoch is not peer.epoch:  # the first packet under a pending epoch confirms it
                     peer.confirm(epoch)
                     call_soon(control.on_epoch_confirmed, peer, epoch)
                 peer.packets += 1
                 peer.rx_bytes += n
-                if type_flags & FLAG_ACTIVE and peer.return_path.observe(link, addr, seq, type_flags & COPIES_MASK):
-                    call_soon(control.on_return_path_moved, peer)
+                if type_flags & FLAG_ACTIVE:
+                    verdict = peer.return_path.observe(link, addr, seq, type_flags & COPIES_MASK, n)
+                    if verdict:
+                        call_soon(control.on_return_path, peer, epoch, link, addr, n, verdict)
                 if kind == TYPE_DATA:
+                    peer.link(link).data_received += 1
                     session = peer.sessions.get(session_id) or self._open_session(peer, session_id)
                     if session is None:
                         continue
@@ -3175,9 +3411,12 @@ class ServerDataPath:
                         upstream_batch.aim(session.sock, CONNECTED_PEER, peer.on_upstream_error)
                         batch_session = session
                     upstream_batch.append(view[off + HEADER_SIZE:off + n - MAC_SIZE])
+                elif kind == TYPE_RESPONSE and n == OVERHEAD + PATH_TOKEN.size:
+                    call_soon(control.on_path_response, peer, addr, PATH_TOKEN.unpack_from(buf, off + HEADER_SIZE)[0])
                 elif kind == TYPE_HEARTBEAT and n == OVERHEAD + HEARTBEAT_PAYLOAD.size:
-                    hb_seq = HEARTBEAT_PAYLOAD.unpack_from(buf, off + HEADER_SIZE)[0]
-                    call_soon(control.on_heartbeat, peer, epoch, link, addr, hb_seq)
+                    hb_seq, _reserved, client_sent, client_received = HEARTBEAT_PAYLOAD.unpack_from(
+                        buf, off + HEADER_SIZE)
+                    call_soon(control.on_heartbeat, peer, epoch, link, addr, hb_seq, client_sent, client_received)
                 else:
                     counters.add("bad_type")
         except OSError as exc:
@@ -3254,7 +3493,7 @@ class ServerDataPath:
     def on_upstream_readable(self, session: ServerSession) -> None:
         peer = session.peer
         epoch, path = peer.epoch, peer.return_path
-        if epoch is None or path.addr is None:
+        if epoch is None or not path.addrs:
             self._drain_without_path(session)
             return
         # Replies are sealed in place in the batch and leave together (SendBatch);
@@ -3287,8 +3526,15 @@ class ServerDataPath:
             buf[end:end + MAC_SIZE] = m.digest()
             batch.push(n + OVERHEAD)
         batch.flush()
-        peer.tx_bytes += batch.sent_bytes - bytes_before
-        peer.tx_packets += batch.sent_packets - packets_before
+        sent_bytes, sent = batch.sent_bytes - bytes_before, batch.sent_packets - packets_before
+        peer.tx_bytes += sent_bytes
+        peer.tx_packets += sent
+        if sent:
+            per_address = sent // len(path.addrs)
+            for link, _addr in path.links:
+                peer.link(link).data_sent += per_address
+            if path.unvalidated:
+                path.spent(sent_bytes // len(path.addrs))
 
     def _drain_without_path(self, session: ServerSession) -> None:
         """Replies for a client whose return path is not known (yet, or any more): dropped."""
@@ -3333,8 +3579,10 @@ class ServerHandshake:
     """Answers HELLOs: a COOKIE to one without a fresh cookie, else a WELCOME and a
     pending epoch (the essay above)."""
 
-    def __init__(self, reactor: Reactor, counters: Counters, send: Callable[[memoryview, tuple], None]) -> None:
+    def __init__(self, reactor: Reactor, log: Log, counters: Counters,
+                 send: Callable[[memoryview, tuple], None]) -> None:
         self.reactor = reactor
+        self.log = log
         self.counters = counters
         self.send = send
         self._secret = os.urandom(KEY_SIZE)  # for cookies; never leaves this process
@@ -3346,6 +3594,13 @@ class ServerHandshake:
         n = len(packet)
         if n != OVERHEAD + HELLO_PAYLOAD.size or not verify(peer.static.hello_mac, packet, n):
             self.counters.add("auth")
+            return
+        version = HEADER.unpack_from(packet)[4] & SEQ_MASK
+        if version != PROTOCOL_VERSION:
+            self.counters.add("old_version")
+            self.log.every("client-version:%d" % peer.client_id, VERSION_LOG_INTERVAL_S, "error", (
+                "client %d speaks wire protocol version %d, this server speaks %d: it is refused; run the same "
+                "mpudp version on both ends" % (peer.client_id, version or 1, PROTOCOL_VERSION)))
             return
         client_nonce, cookie = HELLO_PAYLOAD.unpack_from(packet, HEADER_SIZE)
         tag = epoch_tag(client_nonce)
@@ -3392,7 +3647,8 @@ class ServerHandshake:
         """WELCOME(client nonce, server nonce) or COOKIE(client nonce, cookie): HELLO's size."""
         ctl = self._ctl
         WELCOME_PAYLOAD.pack_into(ctl, HEADER_SIZE, client_nonce, value)
-        length = seal_into(ctl, peer.static.welcome_mac, kind, link, peer.client_id, 0, 0, WELCOME_PAYLOAD.size)
+        length = seal_into(ctl, peer.static.welcome_mac, kind, link, peer.client_id, 0, handshake_nonce(0),
+                           WELCOME_PAYLOAD.size)
         self.send(memoryview(ctl)[:length], addr)
 
     # A cookie proves that a HELLO is fresh: a MAC, under a secret that never
@@ -3429,8 +3685,9 @@ class Server(ServerControl):
         for client_id, secret in enumerate(config.static_secrets):
             self.peers[client_id] = Peer(client_id, secret, self._upstream(config.upstream_for(client_id)))
         self.data = ServerDataPath(config, reactor, log, self.counters, self.peers, self)
-        self.handshake = ServerHandshake(reactor, self.counters, self.data.send_control)
+        self.handshake = ServerHandshake(reactor, log, self.counters, self.data.send_control)
         self._ctl = bytearray(OVERHEAD + ECHO_PAYLOAD.size)
+        self._challenges = RateLimiter(CHALLENGES_PER_ADDRESS_PER_S, CHALLENGE_BURST)
         self._sweep_timer = None  # type: Optional[Periodic]
         self._drop_summary = None  # type: Optional[Periodic]
         self._last_drop_report = None  # type: Optional[Dict[str, int]]
@@ -3489,6 +3746,35 @@ class Server(ServerControl):
         peer.epoch_at = self.reactor.time()
         self.log.info("client %d: new epoch %04x" % (peer.client_id, epoch.tag))
 
+    def on_return_path(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, size: int, verdict: int) -> None:
+        """An ACTIVE packet moved the return path, or came from an address that must be
+        challenged first (ReturnPath)."""
+        if verdict == PATH_MOVED:
+            self.on_return_path_moved(peer)
+        elif verdict == PATH_CHALLENGE:
+            self._challenge(peer, epoch, link, addr, size)
+
+    def _challenge(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, size: int) -> None:
+        """CHALLENGE(token) to `addr`: only what sees it there can answer.  No larger than
+        the packet that caused it, and at most CHALLENGES_PER_ADDRESS_PER_S per address."""
+        candidate = peer.return_path.unvalidated.get(addr)
+        if candidate is None or epoch is not peer.epoch or size < OVERHEAD + PATH_TOKEN.size:
+            return
+        if not self._challenges.allow((peer.client_id, addr), self.reactor.time()):
+            return
+        packet = seal(epoch.tx_mac, TYPE_CHALLENGE, link, peer.client_id, 0, epoch.next_nonce(),
+                      PATH_TOKEN.pack(candidate.token))
+        self.data.send_control(memoryview(packet), addr)
+
+    def on_path_response(self, peer: Peer, addr: tuple, token: int) -> None:
+        path = peer.return_path
+        if addr not in path.unvalidated:
+            return  # validated already (a copy), or never challenged
+        if path.validate(addr, token):
+            self.on_return_path_moved(peer)
+        elif addr in path.unvalidated:
+            self.counters.add("bad_response")
+
     def on_return_path_moved(self, peer: Peer) -> None:
         """Logged at a bounded rate: a NAT that alternates two source ports moves the path on
         every packet.  Past PATH_LINES_PER_INTERVAL lines, one line at the end of the
@@ -3513,21 +3799,25 @@ class Server(ServerControl):
             self.log.info("client %d: return path %s%s" % (peer.client_id, path.describe(), times))
             peer.path_announced = True
 
-    def on_heartbeat(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, hb_seq: int) -> None:
-        """Echo a heartbeat under the epoch it came in, with a bitmap of the last 32 on its link."""
-        state = peer.heartbeats.get(link)
-        if state is None or hb_seq + 32 <= state[0] or hb_seq > state[0] + 0x7FFFFFFF:
-            state = peer.heartbeats[link] = [hb_seq, 0]  # first, or the client restarted its count
-        last, bitmap = state
+    def on_heartbeat(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, hb_seq: int, client_sent: int,
+                     client_received: int) -> None:
+        """Echo a heartbeat under the epoch it came in, with a bitmap of the last 32 on its
+        link and our DATA counts on it, each way."""
+        state = peer.link(link)
+        last, bitmap = state.hb_last, state.hb_bitmap
+        if not last or hb_seq + 32 <= last or hb_seq > last + 0x7FFFFFFF:
+            last, bitmap = hb_seq, 0  # first, or the client restarted its count
         if hb_seq > last:
             gap = hb_seq - last
             bitmap = ((bitmap << gap) | 1) & 0xFFFFFFFF if gap < 32 else 1  # never a huge shift
-            state[0] = last = hb_seq
+            last = hb_seq
         else:
             bitmap |= 1 << (last - hb_seq)
-        state[1] = bitmap
+        state.hb_last, state.hb_bitmap = last, bitmap
+        state.client_sent, state.client_received = client_sent, client_received
         ctl = self._ctl
-        ECHO_PAYLOAD.pack_into(ctl, HEADER_SIZE, hb_seq, (bitmap >> (last - hb_seq)) & 0xFFFFFFFF)
+        ECHO_PAYLOAD.pack_into(ctl, HEADER_SIZE, hb_seq, (bitmap >> (last - hb_seq)) & 0xFFFFFFFF,
+                               state.data_received & COUNT_MASK, state.data_sent & COUNT_MASK)
         length = seal_into(ctl, epoch.tx_mac, TYPE_ECHO, link, peer.client_id, 0, epoch.next_nonce(),
                            ECHO_PAYLOAD.size)
         self.data.send_control(memoryview(ctl)[:length], addr)
@@ -3573,6 +3863,7 @@ class Server(ServerControl):
                 "return_link": path.link if path.addr else None,
                 "return_addr": format_address(path.addr),
                 "return_links": [[link, format_address(addr)] for link, addr in path.links] if path.addr else [],
+                "unvalidated": [format_address(addr) for addr in path.unvalidated],
                 "upstream": peer.upstream.text,
                 "sessions": len(peer.sessions),
                 "last_seen_age_s": None if peer.last_heard is None else round(now - peer.last_heard, 1),

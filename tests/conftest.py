@@ -508,7 +508,7 @@ class InProcess:
         self.add_server(**(server or {}))
         self.add_client(**dict({"heartbeat_interval_sec": 0.2}, **(client or {})))
         assert self.run_until(lambda: self.client.epoch is not None and self.peer.epoch is not None
-                              and self.client.links[0].health.up and self.peer.heartbeats, 5.0), self.log_text()
+                              and self.client.links[0].health.up and self.peer.links, 5.0), self.log_text()
         return self
 
     @staticmethod
@@ -637,6 +637,7 @@ class ServerBench(InProcess):
         self.secret = static_secret(self.client_keys, self.server_keys)
         self.links = [self.socket() for _ in range(links)]
         self.epoch = self.handshake()
+        self.validate_links()
 
     def handshake(self):
         """HELLO -> COOKIE, HELLO with the cookie -> WELCOME, each answer checked."""
@@ -656,6 +657,23 @@ class ServerBench(InProcess):
             cookie = value
         raise AssertionError("no WELCOME")
 
+    def validate_links(self):
+        """Each link's address answers the server's challenge, as a client does (PROTOCOL.md,
+        "Return path"), so that the tests see the return path move at once."""
+        for i, sock in enumerate(self.links):
+            self.send(i, mpudp.TYPE_HEARTBEAT | mpudp.FLAG_ACTIVE)
+            got = []
+
+            def challenged():
+                got.extend(p for p, _ in drain(sock) if p[0] & mpudp.TYPE_MASK == mpudp.TYPE_CHALLENGE)
+                return got
+
+            assert self.settle(challenged), "no CHALLENGE for link %d" % i
+            challenge = got[0]
+            assert mpudp.verify(self.epoch.rx_mac, challenge, len(challenge))
+            self.send(i, mpudp.TYPE_RESPONSE, challenge[mpudp.HEADER_SIZE:-mpudp.MAC_SIZE])
+        assert self.settle(lambda: not self.peer.return_path.unvalidated)
+
     def send(self, link, type_flags, payload=b"", seq=None, mac=None):
         """A packet as the client would send it on `link`; its sequence number."""
         epoch = self.epoch
@@ -663,7 +681,7 @@ class ServerBench(InProcess):
             epoch.tx_seq += 1
             seq = epoch.tx_seq
         packet = mpudp.seal(mac or epoch.tx_mac, type_flags, link, 0, 7, epoch.nonce_base | seq,
-                            payload or mpudp.HEARTBEAT_PAYLOAD.pack(seq, 0))
+                            payload or mpudp.HEARTBEAT_PAYLOAD.pack(seq, 0, 0, 0))
         self.links[link].sendto(packet, self.server_addr)
         return seq
 

@@ -580,7 +580,7 @@ def static_secret(client_keys, server_keys):
 
 
 def seal_hello(static, client_id, nonce, cookie=bytes(mpudp.NONCE_SIZE)):
-    return mpudp.seal(static.hello_mac, mpudp.TYPE_HELLO, 0, client_id, 0, mpudp.epoch_tag(nonce) << mpudp.SEQ_BITS,
+    return mpudp.seal(static.hello_mac, mpudp.TYPE_HELLO, 0, client_id, 0, mpudp.handshake_nonce(mpudp.epoch_tag(nonce)),
                       mpudp.HELLO_PAYLOAD.pack(nonce, cookie))
 
 
@@ -610,6 +610,18 @@ def manual_handshake(sock, server_addr, secret, client_id, timeout=WAIT_S):
             else:
                 return mpudp.Epoch(secret, nonce, handshake_value(data, nonce), is_client=True)
     return None
+
+
+def receive_reply(sock, server_addr, epoch, client_id, link=0, timeout=WAIT_S):
+    """The next packet other than a CHALLENGE for a hand-made client; a CHALLENGE on the
+    way is answered with its RESPONSE, as a client does (PROTOCOL.md, "Return path")."""
+    sock.settimeout(timeout)
+    while True:
+        data = sock.recv(65536)
+        if kind(data) != mpudp.TYPE_CHALLENGE or not mpudp.verify(epoch.rx_mac, data, len(data)):
+            return data
+        sock.sendto(mpudp.seal(epoch.tx_mac, mpudp.TYPE_RESPONSE, link, client_id, 0, epoch.next_nonce(),
+                               data[mpudp.HEADER_SIZE:-mpudp.MAC_SIZE]), server_addr)
 
 
 def _receive_a_moment(sock, seconds=0.1):

@@ -9,7 +9,12 @@ Datagrams from a client source address are forwarded to ``target`` from an
 upstream socket that belongs to that source address (like a NAT mapping);
 replies the target sends to that upstream socket are forwarded back to the
 client.  Added delay, jitter, random loss per direction and a blackhole (dead
-link) can be changed while traffic flows.
+link) can be changed while traffic flows, and so can three ways a path fails
+that heartbeats alone do not show: dropping only some mpudp packet types (the
+type is in the clear), dropping datagrams over a size (an MTU black hole), and
+a racer that sends a copy of every client datagram from another address just
+before the original.  ``rebind()`` gives every client a new upstream socket (a
+NAT or frp server that changes its source port).
 
 Standard library only, Python 3.7+, loopback addresses only (127.0.0.0/8, ::1).
 
@@ -32,6 +37,8 @@ Counters (``link.counters`` returns a snapshot copy):
                   a datagram whose send failed is counted here, not in *_dropped
     peers_created upstream sockets (NAT mappings) created
     peers_evicted upstream sockets closed because max_peers was reached
+    racer_out_bytes bytes the racer sent to the target (copies of client datagrams)
+    racer_in_bytes  bytes the target sent to the racer's address
 """
 
 import collections
@@ -54,6 +61,8 @@ _DOWN = 1
 
 _LISTEN = "listen"
 _WAKE = "wake"
+_RACER = "racer"
+_RACER_LEAD_S = 0.003  # the original follows the racer's copy by this much
 
 _COUNTER_NAMES = (
     "up_in",
@@ -65,6 +74,8 @@ _COUNTER_NAMES = (
     "errors",
     "peers_created",
     "peers_evicted",
+    "racer_out_bytes",
+    "racer_in_bytes",
 )
 
 
@@ -147,6 +158,11 @@ class LinkEmulator(object):
         self._loss_up = 0.0
         self._loss_down = 0.0
         self._blackhole = False
+        self._drop_kinds = frozenset()
+        self._drop_over = 0
+        self._racer_on = False
+        self._rebind = False
+        self._racer = None
 
         master = random.Random(seed)
         self._rng_up = random.Random(master.getrandbits(64))
@@ -256,11 +272,20 @@ class LinkEmulator(object):
         # closing them under it could hit a reused fd, so leave them to it.
 
     def set(self, *, delay_s=None, loss_up=None, loss_down=None, blackhole=None,
-            jitter_s=None):
+            jitter_s=None, drop_kinds=None, drop_over=None, racer=None):
         """Change link knobs; None leaves a knob unchanged. Applies to the next
         datagram (blackhole also drops datagrams already held for delay).
+        drop_kinds: mpudp packet types (byte 0's low 4 bits) dropped both ways;
+        drop_over: datagrams longer than this many bytes dropped both ways (0: none);
+        racer: copy every client datagram to the target from another socket first.
         Invalid values raise ValueError and change nothing."""
         values = {}
+        if drop_kinds is not None:
+            values["_drop_kinds"] = frozenset(int(k) for k in drop_kinds)
+        if drop_over is not None:
+            values["_drop_over"] = int(drop_over)
+        if racer is not None:
+            values["_racer_on"] = bool(racer)
         if delay_s is not None:
             values["_delay"] = _check_seconds("delay_s", delay_s)
         if jitter_s is not None:
@@ -274,6 +299,13 @@ class LinkEmulator(object):
         with self._cond:
             for name, value in values.items():
                 setattr(self, name, value)
+
+    def rebind(self):
+        """Every client gets a new upstream socket, so the target sees a new source port
+        (a NAT whose mapping expired, an frp server that reconnected)."""
+        with self._cond:
+            self._rebind = True
+        self._wake()
 
     def retarget(self, target):
         """Send upstream traffic to a new server address from now on. Existing
@@ -331,6 +363,8 @@ class LinkEmulator(object):
             self._close_peer(peer)
         self._peers.clear()
         del self._heap[:]
+        if self._racer is not None:
+            self._racer.close()
         if self._sel is not None:
             try:
                 self._sel.close()
@@ -365,6 +399,8 @@ class LinkEmulator(object):
                         if tag is _WAKE:
                             self._drain_wake()
                             self._apply_target()
+                        elif tag is _RACER:
+                            self._on_racer_readable()
                         elif tag is _LISTEN:
                             self._on_client_readable()
                         else:
@@ -396,8 +432,13 @@ class LinkEmulator(object):
 
     def _apply_target(self):
         family, target, gen = self._target_snapshot()
+        with self._cond:
+            rebind, self._rebind = self._rebind, False
         for peer in list(self._peers.values()):
-            if peer.gen != gen:
+            if rebind and peer.sock is not None:
+                self._close_sock(peer.sock)
+                peer.sock = None
+            if rebind or peer.gen != gen:
                 self._connect_peer(peer, family, target, gen)
 
     def _connect_peer(self, peer, family, target, gen):
@@ -460,7 +501,7 @@ class LinkEmulator(object):
         self._count("peers_created")
         return peer
 
-    def _ingress(self, direction):
+    def _ingress(self, direction, data=b""):
         """Count an arriving datagram and decide its fate.
         Returns None to drop, else (delay, jitter)."""
         if direction == _UP:
@@ -473,6 +514,8 @@ class LinkEmulator(object):
             # Always draw, so the stream position equals the datagram index
             # and a given seed gives the same drop pattern for any loss value.
             drop = rng.random() < loss or self._blackhole
+            if data and ((data[0] & 0x0F) in self._drop_kinds or 0 < self._drop_over < len(data)):
+                drop = True
             if drop:
                 self._counters[n_drop] += 1
             delay, jitter = self._delay, self._jitter
@@ -502,13 +545,16 @@ class LinkEmulator(object):
             except OSError as exc:  # e.g. WSAECONNRESET on Windows
                 self._error(exc)
                 continue
-            fate = self._ingress(_UP)
+            fate = self._ingress(_UP, data)
             if fate is None:
                 continue
             peer = self._get_peer(addr)
             if peer is None:
                 continue  # socket creation failed, counted in errors
-            self._schedule(_UP, fate[0], fate[1], data, peer)
+            delay = fate[0]
+            if self._race(data):
+                delay += _RACER_LEAD_S
+            self._schedule(_UP, delay, fate[1], data, peer)
 
     def _on_upstream_readable(self, peer):
         for _ in range(_BATCH):
@@ -521,10 +567,42 @@ class LinkEmulator(object):
             except OSError as exc:  # ECONNREFUSED: target not listening
                 self._error(exc)
                 continue
-            fate = self._ingress(_DOWN)
+            fate = self._ingress(_DOWN, data)
             if fate is None:
                 continue
             self._schedule(_DOWN, fate[0], fate[1], data, peer.addr)
+
+    def _race(self, data):
+        """With the racer on, a copy of `data` goes to the target now from the racer's own
+        socket (another address); True if it went."""
+        with self._cond:
+            on = self._racer_on
+        if not on:
+            return False
+        family, target, _gen = self._target_snapshot()
+        if self._racer is None:
+            self._racer = socket.socket(family, socket.SOCK_DGRAM)
+            self._racer.bind((_loopback_for(family), 0))
+            self._racer.setblocking(False)
+            self._sel.register(self._racer, selectors.EVENT_READ, _RACER)
+        try:
+            self._racer.sendto(data, target)
+        except OSError as exc:
+            self._error(exc)
+            return False
+        self._count("racer_out_bytes", len(data))
+        return True
+
+    def _on_racer_readable(self):
+        for _ in range(_BATCH):
+            try:
+                data = self._racer.recv(_MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._error(exc)
+                continue
+            self._count("racer_in_bytes", len(data))  # the racer never answers
 
     def _flush_due(self):
         heap = self._heap

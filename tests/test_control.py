@@ -106,7 +106,7 @@ def handshake_for(reactor, links, epochs):
 def server_answer(static, hello, kind, value):
     """The server's COOKIE or WELCOME to `hello` (what ServerHandshake sends)."""
     nonce = mpudp.HELLO_PAYLOAD.unpack_from(hello, mpudp.HEADER_SIZE)[0]
-    return mpudp.seal(static.welcome_mac, kind, 0, 3, 0, 0, mpudp.WELCOME_PAYLOAD.pack(nonce, value))
+    return mpudp.seal(static.welcome_mac, kind, 0, 3, 0, mpudp.handshake_nonce(0), mpudp.WELCOME_PAYLOAD.pack(nonce, value))
 
 
 def test_a_handshake_sends_hello_on_every_link_answers_a_cookie_and_makes_the_epoch(reactor, clock):
@@ -156,7 +156,7 @@ def test_a_welcome_for_another_nonce_or_under_another_key_makes_nothing(reactor,
     hello = links[0].sock.sent[0]
     stranger = mpudp.StaticKeys(os.urandom(32))
     handshake.on_packet(links[0], server_answer(stranger, hello, mpudp.TYPE_WELCOME, os.urandom(16)))
-    other = mpudp.seal(static.welcome_mac, mpudp.TYPE_WELCOME, 0, 3, 0, 0,
+    other = mpudp.seal(static.welcome_mac, mpudp.TYPE_WELCOME, 0, 3, 0, mpudp.handshake_nonce(0),
                        mpudp.WELCOME_PAYLOAD.pack(os.urandom(16), os.urandom(16)))
     handshake.on_packet(links[0], other)
     assert epochs == [] and handshake.under_way
@@ -192,7 +192,7 @@ def answer(link, data, clock, monitor):
     """Echo the link's last heartbeat (as the server does, bitmap: all received)."""
     packet = link.sock.sent[-1]
     seq = mpudp.HEARTBEAT_PAYLOAD.unpack_from(packet, mpudp.HEADER_SIZE)[0]
-    monitor.on_echo(link, seq, 0xFFFFFFFF)
+    monitor.on_echo(link, seq, 0xFFFFFFFF, 0, 0)
     return seq
 
 
@@ -314,21 +314,127 @@ A, B, C = ("192.0.2.1", 1), ("192.0.2.2", 2), ("192.0.2.3", 3)
 COPIES2 = 1 << mpudp.COPIES_SHIFT
 
 
-def test_the_return_path_follows_the_newest_active_packet_only():
+def trusting(*addrs):
+    """A ReturnPath whose addresses have answered their challenges (and no path yet)."""
     path = mpudp.ReturnPath()
-    assert path.observe(0, A, 5, 0) and path.addrs == [A] and path.links == ((0, A),)
-    assert path.observe(1, B, 7, 0) and path.addrs == [B]
-    assert not path.observe(0, A, 6, 0) and path.addrs == [B]  # late: never moves it back
-    assert not path.observe(1, B, 8, 0)  # same place: no change to report
+    for addr in addrs:
+        assert path.observe(0, addr, 0, 0, 100) == mpudp.PATH_CHALLENGE
+        assert not path.validate(addr, path.unvalidated[addr].token)  # validated; seq 0 moves nothing
+    assert path.addr is None and path.unvalidated == {}
+    return path
+
+
+def test_the_return_path_follows_the_newest_active_packet_only():
+    path = trusting(A, B)
+    assert path.observe(0, A, 5, 0, 100) == mpudp.PATH_MOVED and path.addrs == [A] and path.links == ((0, A),)
+    assert path.observe(1, B, 7, 0, 100) == mpudp.PATH_MOVED and path.addrs == [B]
+    assert path.observe(0, A, 6, 0, 100) == mpudp.PATH_SAME and path.addrs == [B]  # late: never moves it back
+    assert path.observe(1, B, 8, 0, 100) == mpudp.PATH_SAME  # same place: no change to report
 
 
 def test_with_copies_the_slower_link_carries_too_and_a_new_epoch_restarts_the_numbers():
-    path = mpudp.ReturnPath()
-    path.observe(0, A, 10, COPIES2)
-    assert path.observe(1, B, 9, COPIES2)  # the slower copy's link joins, though older
+    path = trusting(A, B, C)
+    path.observe(0, A, 10, COPIES2, 100)
+    assert path.observe(1, B, 9, COPIES2, 100) == mpudp.PATH_MOVED  # the slower copy's link joins, though older
     assert sorted(path.addrs) == [A, B] and path.links == ((0, A), (1, B))
-    assert not path.observe(1, B, 8, COPIES2)  # late even for its own link
+    assert path.observe(1, B, 8, COPIES2, 100) == mpudp.PATH_SAME  # late even for its own link
     path.new_epoch()
-    assert path.observe(2, C, 1, 0) and path.addrs == [C]  # numbers start again at 1
+    assert path.observe(2, C, 1, 0, 100) == mpudp.PATH_MOVED and path.addrs == [C]  # numbers start again at 1
     path.clear()
     assert path.addr is None and path.addrs == [] and path.links == ()
+
+
+# -- DataLiveness ------------------------------------------------------------------------
+
+
+def test_data_sent_and_never_counted_by_the_server_makes_a_link_unfit_then_retried_later():
+    live, now = mpudp.DataLiveness(), 100.0
+    assert not live.on_echo(0, 0, server_rx=0, server_tx=0, now=now)  # the first echo sets the counts
+    assert not live.on_echo(50, 0, 26, 0, now + 0.5)  # half of 50 lost: random loss, not a verdict
+    assert not live.on_echo(60, 0, 26, 0, now + 1.0)  # 10 sent, none arrived: not yet enough to judge
+    assert live.on_echo(66, 0, 26, 0, now + 1.5)  # 16 in a row, none arrived: no data gets through
+    assert live.lost_way == "up" and not live.fit(now + 1.5)
+    assert live.fit(now + 1.5 + mpudp.DATA_RETRY_FIRST_S)  # tried again after the hold
+    assert live.on_echo(100, 0, 26, 0, now + 20)  # still nothing: unfit again, for longer
+    assert live.unfit_until == now + 20 + 2 * mpudp.DATA_RETRY_FIRST_S
+    assert not live.on_echo(150, 0, 56, 0, now + 60)  # data again: the hold is short again
+    assert live.hold_s == mpudp.DATA_RETRY_FIRST_S
+
+
+def test_data_the_server_sent_that_never_arrived_makes_a_link_unfit():
+    live = mpudp.DataLiveness()
+    live.on_echo(0, received_now=3, server_rx=0, server_tx=3, now=0.0)
+    assert not live.on_echo(0, 20, 0, 30, 1.0)  # 10 of 27 lost
+    assert live.on_echo(0, 20, 0, 30 + mpudp.DATA_LOST_PACKETS, 2.0) and live.lost_way == "down"
+
+
+def test_an_idle_link_or_a_restarted_server_is_no_verdict():
+    live = mpudp.DataLiveness()
+    for i in range(50):  # heartbeats only: nothing sent either way
+        assert not live.on_echo(7, 9, 7, 9, float(i))
+    assert not live.on_echo(7 + 100, 9, 0, 0, 60.0)  # the server's counts went back: a new server
+    assert live.fit(60.0)
+    assert not live.on_echo(0xFFFFFFFF + 108, 9, 100, 0, 61.0)  # our count wraps at 32 bits, as the wire's
+
+
+# -- ReturnPath: path validation --------------------------------------------------------
+
+
+def test_a_new_address_is_challenged_and_gets_at_most_three_times_its_bytes_until_it_answers():
+    path = mpudp.ReturnPath()
+    assert path.observe(0, A, 1, 0, 100) == mpudp.PATH_CHALLENGE  # even the first address
+    assert path.addrs == [A] and path.addr is None  # replies within its budget, not yet the path
+    path.spent(250)
+    assert path.addrs == [A]
+    path.spent(50)  # 300 = 3 x 100 bytes: spent
+    assert path.addrs == []
+    assert not path.validate(A, path.unvalidated[A].token ^ 1)  # a wrong token validates nothing
+    assert path.validate(A, path.unvalidated[A].token) and path.addr == A and path.addrs == [A]
+    assert path.observe(0, A, 2, 0, 100) == mpudp.PATH_SAME  # validated: no more challenges
+
+
+def test_a_racer_from_another_address_does_not_move_the_path():
+    path = mpudp.ReturnPath()
+    path.observe(0, A, 1, 0, 100)
+    path.validate(A, path.unvalidated[A].token)
+    for seq in range(2, 50):  # the racer's copy always arrives first; A's originals are duplicates
+        assert path.observe(0, C, seq, 0, 100) == mpudp.PATH_CHALLENGE
+        path.spent(100)
+    assert path.addr == A and path.links == ((0, A),)
+    assert path.addrs == [A, C]  # C gets replies only while its 3x budget lasts
+    for _ in range(200):
+        path.spent(100)
+    assert path.addrs == [A]
+
+
+# -- protocol versions ---------------------------------------------------------------------
+
+
+def test_a_server_of_another_protocol_version_is_refused_with_a_line_saying_so(reactor, clock):
+    links, epochs = make_links(1), []
+    handshake, static = handshake_for(reactor, links, epochs)
+    handshake.start()
+    hello = links[0].sock.sent[0]
+    assert mpudp.parse_header(hello)[4] & mpudp.SEQ_MASK == mpudp.PROTOCOL_VERSION
+    nonce = mpudp.HELLO_PAYLOAD.unpack_from(hello, mpudp.HEADER_SIZE)[0]
+    version_1 = mpudp.seal(static.welcome_mac, mpudp.TYPE_WELCOME, 0, 3, 0, 0,  # version 1: 0 in those bits
+                           mpudp.WELCOME_PAYLOAD.pack(nonce, os.urandom(16)))
+    handshake.on_packet(links[0], version_1)
+    assert epochs == [] and handshake.counters["old_version"] == 1
+    assert "the server answers in wire protocol version 1, this client speaks 2" in reactor.log.stream.getvalue()
+
+
+def test_a_client_of_another_protocol_version_is_refused_with_a_line_saying_so(clock):
+    reactor = mpudp.Reactor(clock=clock, log=mpudp.Log(stream=io.StringIO(), clock=clock))
+    sent = []
+    handshake = mpudp.ServerHandshake(reactor, reactor.log, mpudp.Counters(), lambda p, a: sent.append(bytes(p)))
+    peer = mpudp.Peer(4, os.urandom(32), mpudp.Endpoint("127.0.0.1:9", "127.0.0.1", 9, lambda e: None))
+    nonce = os.urandom(16)
+    version_1 = mpudp.seal(peer.static.hello_mac, mpudp.TYPE_HELLO, 0, 4, 0, mpudp.epoch_tag(nonce) << mpudp.SEQ_BITS,
+                           mpudp.HELLO_PAYLOAD.pack(nonce, bytes(16)))
+    for _ in range(3):
+        handshake.on_hello(peer, 0, ("192.0.2.1", 4000), version_1)
+    assert sent == [] and handshake.counters["old_version"] == 3  # no answer at all
+    text = reactor.log.stream.getvalue()
+    assert text.count("client 4 speaks wire protocol version 1, this server speaks 2: it is refused") == 1
+    reactor.close()

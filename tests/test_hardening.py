@@ -251,14 +251,15 @@ def make_handshake(clock):
     reactor = mpudp.Reactor(clock=clock, log=mpudp.Log(stream=io.StringIO()))
     sent = []
     counters = mpudp.Counters()
-    handshake = mpudp.ServerHandshake(reactor, counters, lambda packet, addr: sent.append((bytes(packet), addr)))
+    handshake = mpudp.ServerHandshake(reactor, reactor.log, counters,
+                                      lambda packet, addr: sent.append((bytes(packet), addr)))
     secret = os.urandom(32)
     peer = mpudp.Peer(0, secret, mpudp.Endpoint("127.0.0.1:9", "127.0.0.1", 9, lambda e: None))
     return handshake, peer, sent, counters
 
 
 def hello(peer, nonce):
-    return mpudp.seal(peer.static.hello_mac, mpudp.TYPE_HELLO, 0, 0, 0, mpudp.epoch_tag(nonce) << mpudp.SEQ_BITS,
+    return mpudp.seal(peer.static.hello_mac, mpudp.TYPE_HELLO, 0, 0, 0, mpudp.handshake_nonce(mpudp.epoch_tag(nonce)),
                       mpudp.HELLO_PAYLOAD.pack(nonce, bytes(16)))
 
 
@@ -297,7 +298,7 @@ def test_a_real_handshake_still_gets_its_cookie_and_welcome_under_the_limit():
     assert cookie_packet[0] & mpudp.TYPE_MASK == mpudp.TYPE_COOKIE
     cookie = mpudp.COOKIE_PAYLOAD.unpack_from(cookie_packet, mpudp.HEADER_SIZE)[1]
     handshake.on_hello(peer, 0, source, mpudp.seal(
-        peer.static.hello_mac, mpudp.TYPE_HELLO, 0, 0, 0, mpudp.epoch_tag(nonce) << mpudp.SEQ_BITS,
+        peer.static.hello_mac, mpudp.TYPE_HELLO, 0, 0, 0, mpudp.handshake_nonce(mpudp.epoch_tag(nonce)),
         mpudp.HELLO_PAYLOAD.pack(nonce, cookie)))
     assert sent[-1][0][0] & mpudp.TYPE_MASK == mpudp.TYPE_WELCOME  # WELCOMEs are bounded by the hello budget
 
@@ -319,8 +320,12 @@ def test_a_nat_alternating_source_ports_gets_a_few_lines_then_a_summary():
     peer = server.peers[0]
     try:
         ports = (40000, 40001)
+        for port in ports + (5000,):  # both NAT mappings answered their challenges, and a later one
+            source = ("192.0.2.1" if port != 5000 else "192.0.2.2", port)
+            peer.return_path.observe(0, source, 0, 0, 100)
+            peer.return_path.validate(source, peer.return_path.unvalidated[source].token)
         for seq in range(1, 10001):  # 10 s at 1,000 pps, one NAT mapping then the other
-            if peer.return_path.observe(0, ("192.0.2.1", ports[seq % 2]), seq, 0):
+            if peer.return_path.observe(0, ("192.0.2.1", ports[seq % 2]), seq, 0, 100) == mpudp.PATH_MOVED:
                 server.on_return_path_moved(peer)
             if seq % 100 == 0:
                 clock.advance(0.1)
@@ -331,7 +336,7 @@ def test_a_nat_alternating_source_ports_gets_a_few_lines_then_a_summary():
         clock.advance(mpudp.PATH_LINE_INTERVAL_S * 2)
         reactor.run_once(0)
         quiet_mark = len(stream.getvalue())
-        assert peer.return_path.observe(1, ("192.0.2.2", 5000), 20000, 0)  # an ordinary switch, later
+        assert peer.return_path.observe(1, ("192.0.2.2", 5000), 20000, 0, 100) == mpudp.PATH_MOVED  # an ordinary switch
         server.on_return_path_moved(peer)
         assert "replies now go by link 1 (192.0.2.2:5000)" in stream.getvalue()[quiet_mark:]
     finally:

@@ -112,7 +112,7 @@ def flood_packets(pair, rng, n=400):
             packets.append(rng.choice(hellos))
         elif roll < 0.9:
             client_nonce = random_bytes(rng, 16)
-            packets.append(mpudp.seal(wrong, HELLO, 0, 0, 0, mpudp.epoch_tag(client_nonce) << mpudp.SEQ_BITS,
+            packets.append(mpudp.seal(wrong, HELLO, 0, 0, 0, mpudp.handshake_nonce(mpudp.epoch_tag(client_nonce)),
                                       mpudp.HELLO_PAYLOAD.pack(client_nonce, bytes(16))))
         else:
             packets.append(mpudp.seal(wrong, DATA, 0, rng.choice((1, 2, 0xFFFF)), 1,

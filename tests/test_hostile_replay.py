@@ -17,7 +17,8 @@ import time
 import mpudp
 from conftest import free_udp_port, keypair, write_config
 from helpers import (
-    LOOPBACK, WAIT_S, App, alive, captured, drain, duplicates, header, kind, manual_handshake, reporter, static_secret,
+    LOOPBACK, WAIT_S, App, alive, captured, drain, duplicates, header, kind, manual_handshake, receive_reply, reporter,
+    static_secret,
     udp_socket,
 )
 
@@ -38,7 +39,7 @@ def echoed_heartbeats(taps):
     for data, _source, _tap in captured(taps, "down", (ECHO,)):
         if len(data) == mpudp.OVERHEAD + mpudp.ECHO_PAYLOAD.size:
             _flags, link, _cid, _session, nonce = header(data)
-            hb_seq, _bitmap = mpudp.ECHO_PAYLOAD.unpack_from(data, mpudp.HEADER_SIZE)
+            hb_seq = mpudp.ECHO_PAYLOAD.unpack_from(data, mpudp.HEADER_SIZE)[0]
             keys.append((nonce >> mpudp.SEQ_BITS, link, hb_seq))
     return keys
 
@@ -215,8 +216,7 @@ def test_forged_client_id_gets_nothing_through(tapped_pair, tmp_path):
     sock.sendto(mpudp.seal(epoch.tx_mac, DATA | mpudp.FLAG_ACTIVE, 0, 1, 7, epoch.next_nonce(), b"client1-genuine"),
                 pair.server_addr)
     assert pair.echo.wait_for(lambda r: any(data == b"client1-genuine" for data, _ in r))
-    sock.settimeout(WAIT_S)
-    reply = sock.recv(65536)  # the upstream's answer, back to client 1 under its own keys
+    reply = receive_reply(sock, pair.server_addr, epoch, 1)  # the upstream's answer, under client 1's own keys
     assert mpudp.verify(epoch.rx_mac, reply, len(reply)) and reply[mpudp.HEADER_SIZE:-16] == b"client1-genuine"
 
     # Client 1 claims to be client 0: its HELLO, and its data under client 0's epoch tag.
@@ -229,7 +229,7 @@ def test_forged_client_id_gets_nothing_through(tapped_pair, tmp_path):
             nonce = (tag << mpudp.SEQ_BITS) | (10 ** 6 + i)
             forged.append(mpudp.seal(epoch.tx_mac, DATA | mpudp.FLAG_ACTIVE, 0, 0, 7, nonce, b"forged-%d" % i))
             forged.append(mpudp.seal(epoch.tx_mac, HEARTBEAT | mpudp.FLAG_ACTIVE, 0, 0, 0, nonce,
-                                     mpudp.HEARTBEAT_PAYLOAD.pack(i + 1, 0)))
+                                     mpudp.HEARTBEAT_PAYLOAD.pack(i + 1, 0, 0, 0)))
     sock.setblocking(False)
     assert drain(sock) == []
     for packet in forged:

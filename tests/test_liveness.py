@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from conftest import active_index, paced, wait_json
+from conftest import active_index, wait_json
+from helpers import paced
 
 import mpudp
 

