@@ -143,6 +143,7 @@ def test_sigusr1_logs_the_tables(relay_pair):
     app.close()
     wait_running(pair.client)
     wait_running(pair.server)
+    pair.server.wait_for_line("client 0: return path link")  # validated: no such line comes after the signal
 
     start = len(pair.client.lines)
     header = signal_and_wait(pair.client, signal.SIGUSR1, "srtt ms")
