@@ -3389,7 +3389,8 @@ class ServerDataPath:
                 drop = epoch.open(view, off, n, seq)
                 if drop:
                     counters.add(drop)
-                    if drop == "duplicate" and kind == TYPE_DATA and epoch.authentic(view, off, n):
+                    if (drop == "duplicate" and kind == TYPE_DATA and type_flags & COPIES_MASK
+                            and epoch.authentic(view, off, n)):
                         peer.link(link).data_received += 1  # a copy (redundancy): its link carried it too
                     continue
                 if epoch is not peer.epoch:  # the first packet under a pending epoch confirms it

@@ -15,6 +15,10 @@ from conftest import MPUDP, ROOT, WAIT_S, MpudpProcess, free_udp_port, keypair, 
 
 import mpudp
 
+import pytest
+
+pytestmark = pytest.mark.slow  # real processes for seconds each (tox.ini)
+
 METRIC_LINE = re.compile(r'^(mpudp_[a-z_]+)(\{[a-z_]+="[^"\n]*"(,[a-z_]+="[^"\n]*")*\})? '
                          r'(-?[0-9.e+-]+|NaN|\+Inf)$')
 

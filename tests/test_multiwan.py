@@ -49,6 +49,8 @@ from conftest import (
 )
 from helpers import WAIT_S, App, EchoServer, reporter, wait_for_last, wait_until
 
+pytestmark = pytest.mark.slow  # network namespaces: the kernel's behaviour, the same on every Python (tox.ini)
+
 SERVER_IP = "10.211.9.9"  # on the server namespace's lo, reachable by both veth pairs
 # client-side interface: (its address, the server-side peer, the peer's address, gateway, route metric)
 WANS = {

@@ -20,6 +20,8 @@ import pytest
 
 import mpudp
 
+pytestmark = pytest.mark.slow  # the init script under stub procd: the same on every Python (tox.ini)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INIT = os.path.join(ROOT, "packaging", "openwrt", "mpudp.init")
 TIMEOUT_S = 60
