@@ -2089,7 +2089,7 @@ class ClientDataPath:
                     if kind == TYPE_DATA:
                         link.data_received += 1
                         self._deliver(session_id, view[off + HEADER_SIZE:off + n - MAC_SIZE])
-                    elif link_index != link.index and kind != TYPE_DATA:
+                    elif link_index != link.index:
                         counters.add("wrong_link")  # an echo or challenge copied onto another link's socket
                     elif kind == TYPE_ECHO and n == OVERHEAD + ECHO_PAYLOAD.size:
                         call_soon(self.control.on_echo, link, *ECHO_PAYLOAD.unpack_from(buf, off + HEADER_SIZE))
