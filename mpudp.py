@@ -108,6 +108,8 @@ TYPE_WELCOME = 5
 TYPE_COOKIE = 6
 TYPE_CHALLENGE = 7  # server -> client: prove you receive at the address this came to
 TYPE_RESPONSE = 8  # client -> server: the challenge's token, from that address
+TYPE_PROBE = 9  # client -> server: padded to the datagram size it tests (path MTU)
+TYPE_PROBE_ACK = 10  # server -> client: the probe's id, padded to the same size
 TYPE_MASK = 0x0F
 FLAG_ACTIVE = 0x80  # "the server should send replies back over this link"
 COPIES_SHIFT = 4  # bits 4-6 of the first byte, on ACTIVE packets: copies sent downstream, minus 1
@@ -123,15 +125,18 @@ WELCOME_PAYLOAD = struct.Struct("!16s16s")  # client nonce, server nonce
 COOKIE_PAYLOAD = struct.Struct("!16s16s")  # client nonce, cookie
 # What a HEARTBEAT says: its seq on this link, reserved, and the client's counts
 # of DATA it sent and received on this link; an ECHO: the seq, a bitmap of the
-# last 32 heartbeats received, and the server's counts of the client's DATA
-# received on this link and of DATA sent to the client on it (DataLiveness).
-HEARTBEAT_PAYLOAD = struct.Struct("!IIII")
-ECHO_PAYLOAD = struct.Struct("!IIII")
+# last 32 heartbeats received, the server's counts of the client's DATA
+# received on this link and of DATA sent to the client on it (DataLiveness), and
+# the largest reply payload it sent lately (which links are large enough).
+# Both are 52 bytes: an echo is never larger than the heartbeat it answers.
+HEARTBEAT_PAYLOAD = struct.Struct("!IIII4x")
+ECHO_PAYLOAD = struct.Struct("!IIIIH2x")
 PATH_TOKEN = struct.Struct("!Q")  # CHALLENGE and RESPONSE payload
+PROBE_PAYLOAD = struct.Struct("!I")  # PROBE and PROBE_ACK: the probe's id, then zeros up to its size
 COUNT_MASK = 0xFFFFFFFF  # counts on the wire wrap at 32 bits
 # The wire protocol's version, in the sequence-number bits of the nonce of
 # HELLO, WELCOME and COOKIE (0 there in version 1).  Both ends must agree.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 REPLAY_WINDOW_SIZE = 2048  # packets; reordering deeper than this is dropped
 PENDING_EPOCHS_PER_CLIENT = 4
@@ -160,6 +165,17 @@ AUTO_REDUNDANCY_HEARTBEATS = 10  # "auto" duplicates while the active link misse
 DATA_LOST_PACKETS = 16  # DATA sent one way on a link in a row, none of it arrived: it carries no data
 DATA_RETRY_FIRST_S = 10.0  # an unfit link is tried again after this, doubling up to the ceiling
 DATA_RETRY_CEILING_S = 300.0
+# Path MTU (PathMtuSearch's essay).  Sizes are whole mpudp datagrams (UDP payload).
+PMTU_BASE = 1280  # IP bytes: IPv6's minimum MTU, RFC 8899's BASE_PLPMTU; assumed to pass
+PMTU_PROBE_TRIES = 3  # a size is too large after this many of its probes are lost (MAX_PROBES)
+PMTU_GRANULARITY = 8  # the search ends when what passed and what did not are this close
+PMTU_RAISE_S = 600.0  # a finished search tries larger sizes again after this (PMTU_RAISE_TIMER)
+LARGE_DATA_MEMORY_S = 15.0  # the largest recent datagram is remembered for 15-30 s
+IPV4_UDP_HEADERS, IPV6_UDP_HEADERS = 20 + 8, 40 + 8
+# Linux's numbers, which the socket module does not name: DF set and no local
+# fragmentation for one probe (IP_PMTUDISC_PROBE), and the route's MTU.
+IP_MTU_DISCOVER, IPV6_MTU_DISCOVER, PMTUDISC_PROBE = 10, 23, 3
+IP_MTU, IPV6_MTU = 14, 24
 DNS_RETRY_FLOOR_S = 1.0
 DNS_RETRY_CEILING_S = 60.0
 SCORE_FILE_MIN_INTERVAL_S = 1.0
@@ -828,6 +844,103 @@ class DataLiveness:
         self.hold_s = min(self.hold_s * 2, DATA_RETRY_CEILING_S)
         self._unanswered_up = self._unanswered_down = 0  # count afresh for the next verdict
         return True
+
+
+class PathMtuSearch:
+    """The largest datagram a link carries both ways: DPLPMTUD (RFC 8899) in spirit.
+
+    Heartbeats are small; data is not.  A path that silently drops datagrams over
+    some size (PPPoE, LTE, a tunnel in a tunnel, ICMP filtered so PMTUD fails)
+    answers every heartbeat and loses every full-size packet.  So the client
+    sends PROBEs padded to a size, with DF set, and the server answers each with
+    a PROBE_ACK of the same size: an answer proves the size passes both ways.
+
+    The search probes the interface's MTU first (most paths carry it), then the
+    IPv6 minimum (1280, assumed to pass), then 1500, then halves the interval
+    between the largest size answered and the smallest size lost
+    PMTU_PROBE_TRIES times, down to PMTU_GRANULARITY bytes.  `limit`, what
+    steering reads, is the smallest size known not to pass: it is tightened as
+    soon as a size is lost, and relaxed only when a new search (after a data
+    failure, a new address, or PMTU_RAISE_S) ends without losing it.  Pure:
+    sizes in, the next size to probe out; PathProber does the I/O."""
+
+    __slots__ = ("ceiling", "base", "common", "confirmed", "failed", "limit", "tries", "searching")
+
+    def __init__(self, ceiling: int, headers: int) -> None:
+        self.ceiling = ceiling  # the largest datagram the route's interface sends
+        self.base = PMTU_BASE - headers
+        self.common = COMMON_PATH_MTU - headers
+        self.confirmed = 0  # the largest size answered (this search, or the last one)
+        self.failed = ceiling + 1  # the smallest size lost PMTU_PROBE_TRIES times in this search
+        self.limit = None  # type: Optional[int]  # the smallest size known not to pass
+        self.tries = 0  # of the size probed now
+        self.searching = True
+
+    def restart(self, ceiling: int, headers: int) -> None:
+        """Search from nothing: a new address or interface, or data stopped passing."""
+        self.ceiling, self.base, self.common = ceiling, PMTU_BASE - headers, COMMON_PATH_MTU - headers
+        self.confirmed, self.failed, self.tries, self.searching = 0, ceiling + 1, 0, True
+
+    def raise_(self) -> None:
+        """PMTU_RAISE_S after a search: has the path grown?  What passed stays confirmed."""
+        self.failed, self.tries, self.searching = self.ceiling + 1, 0, True
+
+    def next_size(self) -> Optional[int]:
+        """The size to probe next, or None when the search is over."""
+        low, high = self.confirmed, self.failed
+        if self.searching and (high - low > PMTU_GRANULARITY and high > self.base):
+            for size in (self.ceiling, self.base, self.common):
+                if low < size < high:
+                    return size
+            return (low + high) // 2
+        if self.searching:
+            self.searching = False
+            self.limit = high if high <= self.ceiling else None
+        return None
+
+    def on_answered(self, size: int) -> None:
+        self.confirmed = max(self.confirmed, size)
+        self.failed = max(self.failed, size + 1)  # an answer for a size lost before: the path grew
+        self.tries = 0
+
+    def on_lost(self, size: int, tries: int = 1) -> bool:
+        """A probe of `size` was not answered (`tries` counts a local refusal as all of
+        them); True if that size is now known not to pass."""
+        self.tries += tries
+        if self.tries < PMTU_PROBE_TRIES:
+            return False
+        self.tries = 0
+        self.failed = min(self.failed, size)
+        if self.limit is None or size < self.limit:
+            self.limit = size
+        return True
+
+    def carries(self, payload: int) -> bool:
+        """Does an application datagram of `payload` bytes pass, as far as is known?"""
+        return self.limit is None or payload + OVERHEAD < self.limit
+
+
+class RecentMax:
+    """The largest value noted in the last one to two periods.  `note` is a comparison,
+    for the packet path; the clock is read only by `value`, which rotates two buckets."""
+
+    __slots__ = ("period", "current", "previous", "since")
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self.current = self.previous = 0
+        self.since = None  # type: Optional[float]
+
+    def note(self, value: int) -> None:
+        if value > self.current:
+            self.current = value
+
+    def value(self, now: float) -> int:
+        if self.since is None:
+            self.since = now
+        elif now - self.since >= self.period:
+            self.previous, self.current, self.since = self.current, 0, now
+        return max(self.current, self.previous)
 
 
 class Candidate:
@@ -1599,6 +1712,45 @@ def max_datagram_on(families: Sequence[Optional[int]]) -> int:
     return min(FITS_1500_IPV4 if family == socket.AF_INET else FITS_1500_IPV6 for family in families)
 
 
+def ip_udp_headers(family: Optional[int]) -> int:
+    return IPV4_UDP_HEADERS if family == socket.AF_INET else IPV6_UDP_HEADERS
+
+
+def route_mtu(family: int, addr: tuple, interface: str = "") -> int:
+    """The MTU towards `addr`, in IP bytes: of `interface` if the link is bound to one,
+    else of the route the kernel picks (or a smaller path MTU it has learnt from
+    ICMP).  COMMON_PATH_MTU where the system cannot say."""
+    try:
+        if interface:
+            with open("/sys/class/net/%s/mtu" % interface) as mtu_file:
+                return int(mtu_file.read())
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect(addr)  # no packet: only the route look-up
+            return sock.getsockopt(*((socket.IPPROTO_IP, IP_MTU) if family == socket.AF_INET
+                                     else (socket.IPPROTO_IPV6, IPV6_MTU)))
+    except (OSError, ValueError):
+        return COMMON_PATH_MTU
+
+
+def send_unfragmented(sock: socket.socket, packet, addr: tuple) -> None:
+    """Send one path-MTU probe with DF set and no local fragmentation (Linux's
+    IP_PMTUDISC_PROBE, for this send only: data keeps the system's setting, which
+    fragments rather than drops).  A probe larger than the route's MTU then fails
+    here with EMSGSIZE, and one that a router cannot forward is dropped, not cut up."""
+    level, option = ((socket.IPPROTO_IP, IP_MTU_DISCOVER) if sock.family == socket.AF_INET
+                     else (socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER))
+    try:
+        was = sock.getsockopt(level, option)
+        sock.setsockopt(level, option, PMTUDISC_PROBE)
+    except OSError:
+        was = None  # not Linux: the kernel may fragment the probe, and a black hole is found by data
+    try:
+        sock.sendto(packet, addr)
+    finally:
+        if was is not None:
+            sock.setsockopt(level, option, was)
+
+
 class FragmentWarning:
     """Says once that datagrams are too large for a common 1500-byte path after mpudp's
     overhead (they are fragmented, and LTE or CGNAT paths often drop fragments), and
@@ -1780,6 +1932,7 @@ class ClientLink:
         self.rx_bytes = self.rx_packets = 0
         self.data_sent = self.data_received = 0  # DATA only, copies included: what heartbeats report
         self.liveness = DataLiveness()
+        self.pmtu = PathMtuSearch(MAX_UDP_PAYLOAD, ip_udp_headers(socket.AF_INET))  # PathProber sets it
         self.switches = 0  # times this link became the active one
 
     @property
@@ -1807,10 +1960,20 @@ class ClientLink:
             self.sock.close()
             self.sock = None
 
-    def send(self, packet: memoryview, counters: Counters) -> Optional[OSError]:
+    def mtu_ceiling(self) -> int:
+        """The largest datagram its route's interface sends (PathMtuSearch's ceiling)."""
+        family = self.endpoint.family
+        if self.addr is None:
+            return MAX_UDP_PAYLOAD  # no address yet: searched again when it comes
+        return min(MAX_UDP_PAYLOAD, route_mtu(family, self.addr, self.spec.bind_interface) - ip_udp_headers(family))
+
+    def send(self, packet: memoryview, counters: Counters, unfragmented: bool = False) -> Optional[OSError]:
         """Send one control packet; the error if the kernel refused it (a full buffer is only counted)."""
         try:
-            self.sock.sendto(packet, self.endpoint.addr)
+            if unfragmented:
+                send_unfragmented(self.sock, packet, self.endpoint.addr)
+            else:
+                self.sock.sendto(packet, self.endpoint.addr)
         except BlockingIOError:
             counters.add("tx_full")
         except OSError as exc:
@@ -1824,13 +1987,24 @@ class ClientLink:
 class Route:
     """Where data goes now: the carrying links (the active one first) and the flags
     each data packet carries (ACTIVE, and COPIES with redundancy).  Immutable:
-    Steering makes a new one, and a drain uses the one current when it starts."""
+    Steering makes a new one, and a drain uses the one current when it starts.
 
-    __slots__ = ("carriers", "data_flags")
+    `watch_above`: a datagram larger than this leaves the drain's fast path, to be
+    noted (a link is known not to carry it, or it will be fragmented);
+    `carried_up_to`: the largest datagram every carrier is known to pass."""
 
-    def __init__(self, carriers: Tuple[ClientLink, ...] = ()) -> None:
+    __slots__ = ("carriers", "data_flags", "watch_above", "carried_up_to")
+
+    def __init__(self, carriers: Tuple[ClientLink, ...] = (), watch_above: int = FITS_1500_IPV6,
+                 carried_up_to: int = MAX_DATA_PAYLOAD) -> None:
         self.carriers = carriers
         self.data_flags = TYPE_DATA | FLAG_ACTIVE | (max(0, len(carriers) - 1) << COPIES_SHIFT)
+        self.watch_above = watch_above
+        self.carried_up_to = carried_up_to
+
+    def same_as(self, other: "Route") -> bool:
+        return (self.carriers, self.watch_above, self.carried_up_to) == (
+            other.carriers, other.watch_above, other.carried_up_to)
 
     def heartbeat_flags(self, link: ClientLink) -> int:
         """ACTIVE, with the number of copies, on the links data goes out on: where the
@@ -1856,9 +2030,12 @@ class ClientControl:
     """What the client's data path reports to; each call comes after the drain that saw it."""
 
     def on_handshake_packet(self, link: ClientLink, packet: bytes) -> None: ...
-    def on_echo(self, link: ClientLink, seq: int, bitmap: int, server_rx: int, server_tx: int) -> None: ...
+    def on_echo(self, link: ClientLink, seq: int, bitmap: int, server_rx: int, server_tx: int,
+                largest_reply: int) -> None: ...
     def on_challenge(self, link: ClientLink, token: int) -> None: ...
     def on_send_error(self, link: ClientLink, exc: OSError) -> None: ...
+    def on_probe_ack(self, link: ClientLink, probe_id: int, size: int) -> None: ...
+    def on_large_datagram(self) -> None: ...  # larger than a link is known to carry: steer again
 
 
 class ClientDataPath:
@@ -1890,6 +2067,10 @@ class ClientDataPath:
         self._app_batch = SendBatch(self.counters, "local_full")  # payloads for one local application
         self._app_batch_session = None  # type: Optional[ClientSession]
         self.fragmented = FragmentWarning()
+        # The largest datagrams lately, each way: from the applications (those above
+        # route.watch_above only) and the server's replies (its echoes say).
+        self.largest_sent = RecentMax(LARGE_DATA_MEMORY_S)
+        self.largest_received = RecentMax(LARGE_DATA_MEMORY_S)
 
     def open(self) -> None:
         self.listen_sock = open_listen_socket(self.config.listen_host, self.config.listen_port)
@@ -1920,7 +2101,7 @@ class ClientDataPath:
         """Each packet is sealed in place in the batch, and they leave together (SendBatch)."""
         # Locals instead of attribute look-ups: this loop runs once per datagram.
         sock, sessions, session_for = self.listen_sock, self.sessions_by_addr, self._session_for
-        pack_header, flags = HEADER.pack_into, self.route.data_flags
+        pack_header, flags, watch_above = HEADER.pack_into, self.route.data_flags, self.route.watch_above
         client_id, link_index = self.config.client_id, link.index
         batch = self._batch
         buf, view = batch.buf, batch.view
@@ -1937,7 +2118,7 @@ class ClientDataPath:
                 self._socket_error(exc)
                 break
             session = sessions.get(addr)
-            if session is None or n > FITS_1500_IPV6:
+            if session is None or n > watch_above:
                 session = session_for(addr, n)  # a new application, or a large datagram
                 if session is None:
                     continue
@@ -2012,6 +2193,8 @@ class ClientDataPath:
                 return None
             families = [link.endpoint.family for link in self.route.carriers] or [socket.AF_INET6]
             self.fragmented.note(n, max_datagram_on(families), self.counters, self.log, "an application")
+        if n > self.route.watch_above:
+            self._note_large(n)
         session = self.sessions_by_addr.get(addr)
         if session is None:
             session = self._open_session(addr)
@@ -2019,6 +2202,20 @@ class ClientDataPath:
                 return None
         session.packets += 1
         return session
+
+    def _note_large(self, n: int) -> None:
+        """A datagram larger than some link is known to carry: steering hears of a new
+        largest size at once, and one the carriers cannot pass is counted (it is sent
+        all the same: when no link carries it, Steering has said so in the log)."""
+        if n > self.largest_sent.current:
+            self.largest_sent.note(n)
+            self.reactor.call_soon(self.control.on_large_datagram)
+        if n > self.route.carried_up_to:
+            self.counters.add("over_path_mtu")
+
+    def largest_datagram(self, now: float) -> int:
+        """The largest application datagram lately, either way, that steering must place."""
+        return max(self.largest_sent.value(now), self.largest_received.value(now))
 
     def _open_session(self, addr: tuple) -> Optional[ClientSession]:
         if len(self.sessions_by_addr) >= self.config.max_sessions:
@@ -2095,6 +2292,9 @@ class ClientDataPath:
                         call_soon(self.control.on_echo, link, *ECHO_PAYLOAD.unpack_from(buf, off + HEADER_SIZE))
                     elif kind == TYPE_CHALLENGE and n == OVERHEAD + PATH_TOKEN.size:
                         call_soon(self.control.on_challenge, link, PATH_TOKEN.unpack_from(buf, off + HEADER_SIZE)[0])
+                    elif kind == TYPE_PROBE_ACK and n >= OVERHEAD + PROBE_PAYLOAD.size:
+                        call_soon(self.control.on_probe_ack, link, PROBE_PAYLOAD.unpack_from(buf, off + HEADER_SIZE)[0],
+                                  n)
                     else:
                         counters.add("bad_type")
         except OSError as exc:  # e.g. ECONNREFUSED reported for an earlier send
@@ -2353,12 +2553,135 @@ class _LinkBeats:
         self.data_sent_at = {}  # type: Dict[int, int]  # heartbeat seq -> the link's DATA count then
 
 
+class PathProber:
+    """Runs each link's PathMtuSearch: one probe in flight per link, sent when the link
+    answers heartbeats, the next as soon as one is answered or given up on.
+
+    A probe is given up on after twice the link's heartbeat timeout.  One lost while
+    the link's heartbeats are missing too says nothing of its size: the search waits
+    for the link to come back.  Reports a link whose `limit` changed, for steering.
+    """
+
+    def __init__(self, reactor: Reactor, counters: Counters, client_id: int, data: ClientDataPath,
+                 on_limit: Callable[[ClientLink], None]) -> None:
+        self.reactor = reactor
+        self.counters = counters
+        self.client_id = client_id
+        self.data = data  # read only: the epoch to seal with
+        self.on_limit = on_limit
+        self._probes = {}  # type: Dict[ClientLink, _Probe]
+
+    def restart(self, link: ClientLink) -> None:
+        """Search the link's path MTU from nothing (the link's first answer, a new address,
+        data lost on it)."""
+        probe = self._probe(link)
+        link.pmtu.restart(link.mtu_ceiling(), ip_udp_headers(link.endpoint.family))
+        self._next(link, probe)
+
+    def on_link_up(self, link: ClientLink) -> None:
+        """A link that answers: its first search starts."""
+        if link not in self._probes:
+            self.restart(link)
+
+    def tick(self) -> None:
+        """Every heartbeat interval: the searches that waited for an epoch, a socket or
+        their link to answer again go on if they can."""
+        for link, probe in list(self._probes.items()):
+            if probe.waiting:
+                self._next(link, probe)
+
+    def on_ack(self, link: ClientLink, probe_id: int, size: int) -> None:
+        probe = self._probes.get(link)
+        if probe is None or probe_id != probe.id or size != probe.size or probe.timer is None:
+            return  # late (given up on already), or not ours
+        self.reactor.cancel(probe.timer)
+        probe.timer = None
+        link.pmtu.on_answered(size)
+        self._next(link, probe)
+
+    def forget(self, link: ClientLink) -> None:
+        probe = self._probes.pop(link, None)
+        if probe is not None:
+            self.reactor.cancel(probe.timer)
+
+    def close(self) -> None:
+        for link in list(self._probes):
+            self.forget(link)
+
+    def _probe(self, link: ClientLink) -> "_Probe":
+        probe = self._probes.get(link)
+        if probe is None:
+            probe = self._probes[link] = _Probe()
+        self.reactor.cancel(probe.timer)
+        probe.timer = None
+        return probe
+
+    def _next(self, link: ClientLink, probe: "_Probe") -> None:
+        epoch = self.data.epoch
+        probe.waiting = epoch is None or link.sock is None or not link.health.up
+        if probe.waiting:
+            return
+        size = link.pmtu.next_size()
+        if size is None:  # the search is over: larger sizes are tried again later
+            probe.timer = self.reactor.call_later(PMTU_RAISE_S, self._raise, link)
+            self.on_limit(link)
+            return
+        probe.id = probe.id % 0xFFFFFFFF + 1
+        probe.size = size
+        packet = bytearray(size)
+        PROBE_PAYLOAD.pack_into(packet, HEADER_SIZE, probe.id)
+        length = seal_into(packet, epoch.tx_mac, TYPE_PROBE, link.index, self.client_id, 0, epoch.next_nonce(),
+                           size - OVERHEAD)
+        exc = link.send(memoryview(packet)[:length], self.counters, unfragmented=True)
+        if exc is not None and exc.errno == errno.EMSGSIZE:  # larger than the route's MTU: no need to try
+            self._lost(link, probe, PMTU_PROBE_TRIES)
+            return
+        if exc is not None:
+            link.on_send_error(exc)
+        probe.timer = self.reactor.call_later(2 * link.health.timeout(), self._timed_out, link)
+
+    def _timed_out(self, link: ClientLink) -> None:
+        probe = self._probes[link]
+        probe.timer = None
+        if link.health.consecutive_fail or not link.health.up:
+            probe.waiting = True  # the link itself is failing: not a verdict on the size
+            return
+        self._lost(link, probe, 1)
+
+    def _lost(self, link: ClientLink, probe: "_Probe", tries: int) -> None:
+        limit = link.pmtu.limit
+        link.pmtu.on_lost(probe.size, tries)
+        if link.pmtu.limit != limit:
+            self.on_limit(link)
+        self._next(link, probe)
+
+    def _raise(self, link: ClientLink) -> None:
+        probe = self._probes[link]
+        probe.timer = None
+        link.pmtu.raise_()
+        self._next(link, probe)
+
+
+class _Probe:
+    """One link's probe in flight (PathProber's own)."""
+
+    __slots__ = ("id", "size", "timer", "waiting")
+
+    def __init__(self) -> None:
+        self.id = 0
+        self.size = 0
+        self.timer = None  # type: Optional[Timer]  # its timeout, or the raise timer
+        self.waiting = False  # for an epoch, a socket, or the link to answer heartbeats
+
+
 class Steering:
     """The one place that decides where data goes: the active link (SwitchPolicy) and,
     with redundancy, the other links that carry copies; published as a Route."""
 
-    def __init__(self, config: "ClientConfig", log: Log) -> None:
+    def __init__(self, config: "ClientConfig", log: Log,
+                 largest_datagram: Callable[[float], int] = lambda now: 0) -> None:
         self.log = log
+        self.largest_datagram = largest_datagram  # the data path's: what the links must carry
         self.active = None  # type: Optional[ClientLink]
         self.last_switch_at = None  # type: Optional[float]
         self.configure(config)
@@ -2369,12 +2692,21 @@ class Steering:
                                    max(MIN_DWELL_FLOOR_S, MIN_DWELL_HEARTBEATS * config.heartbeat_interval_s))
 
     def candidates(self, links: Sequence[ClientLink], now: float) -> List[Candidate]:
-        """Up: answering heartbeats, with a socket, and carrying data (DataLiveness)."""
+        """Up: answering heartbeats, with a socket, carrying data (DataLiveness), and large
+        enough for the datagrams lately (PathMtuSearch), unless no link that is up is."""
         cfg = self.config
-        return [Candidate(link.health.up and link.sock is not None and link.liveness.fit(now), link.health.steady,
-                          link.health.score(cfg.loss_weight, cfg.rtt_weight, link.priority),
-                          link.meter.kbps())
-                for link in links]
+        up = [link.health.up and link.sock is not None and link.liveness.fit(now) for link in links]
+        large_enough = self.large_enough(links, now)
+        if any(u and large for u, large in zip(up, large_enough)):
+            up = [u and large for u, large in zip(up, large_enough)]
+        return [Candidate(link_up, link.health.steady, link.health.score(cfg.loss_weight, cfg.rtt_weight,
+                                                                          link.priority), link.meter.kbps())
+                for link, link_up in zip(links, up)]
+
+    def large_enough(self, links: Sequence[ClientLink], now: float) -> List[bool]:
+        """Which links are not known to drop the largest datagrams sent lately."""
+        largest = self.largest_datagram(now)
+        return [link.pmtu.carries(largest) for link in links]
 
     def first_choice(self, links: Sequence[ClientLink], now: float) -> Route:
         self.active = links[self.policy.choose(self.candidates(links, now), None, None, now)[0]]
@@ -2393,7 +2725,19 @@ class Steering:
         index, reason = self.policy.choose(candidates, active, self.last_switch_at, now)
         if reason:
             self._switch_to(links[index], reason, candidates, now)
+        if self.active is not None and not self.active.pmtu.carries(self.largest_datagram(now)):
+            self._say_too_large(links, now)
         return self.route(links, candidates)
+
+    def _say_too_large(self, links: Sequence[ClientLink], now: float) -> None:
+        """Data goes on a link known to drop datagrams of its size: no link that is up
+        carries them.  Said in the log, never silently lost."""
+        largest = self.largest_datagram(now)
+        known = [(link.pmtu.limit - 1 - OVERHEAD, link) for link in links if link.pmtu.limit is not None]
+        self.log.every("too-large", ERROR_LOG_INTERVAL_S * 6, "warn",
+                       "%d-byte datagrams are larger than any link that is up carries (%s): they are sent and "
+                       "lost; lower the application's MTU (WireGuard: the smallest of these, minus 32)" % (
+                           largest, ", ".join("link %d at most %d" % (link.index, most) for most, link in known)))
 
     def _switch_to(self, link: ClientLink, reason: str, candidates: List[Candidate], now: float) -> None:
         old = self.active
@@ -2432,7 +2776,12 @@ class Steering:
         if extra > 0:
             others = [link for link in links if link is not active and candidates[link.index].up]
             others.sort(key=lambda link: candidates[link.index].score, reverse=True)
-        return Route((active,) + tuple(others[:extra]))
+        carriers = (active,) + tuple(others[:extra])
+
+        def largest_passing(among: Sequence[ClientLink]) -> int:
+            return min([link.pmtu.limit - 1 - OVERHEAD for link in among if link.pmtu.limit is not None]
+                       + [MAX_DATA_PAYLOAD])
+        return Route(carriers, min(FITS_1500_IPV6, largest_passing(links)), largest_passing(carriers))
 
 
 class Client(ClientControl):
@@ -2452,7 +2801,8 @@ class Client(ClientControl):
         self.monitor = LinkMonitor(reactor, self.counters, config.client_id, self.data,
                                    self._on_link_up, self._on_link_down, self._on_link_never_answered,
                                    self._on_data_lost)
-        self.steering = Steering(config, log)
+        self.prober = PathProber(reactor, self.counters, config.client_id, self.data, self._on_mtu_limit)
+        self.steering = Steering(config, log, self.data.largest_datagram)
         self._apply_intervals(config)
         self._evaluation = None  # type: Optional[Periodic]
         self._sweep_timer = None  # type: Optional[Periodic]
@@ -2506,6 +2856,7 @@ class Client(ClientControl):
                 periodic.cancel()
         self.handshake.close()
         self.monitor.close()
+        self.prober.close()
         for link in self.links:
             self._retire_link(link)
         self.data.close()
@@ -2522,8 +2873,16 @@ class Client(ClientControl):
     def on_handshake_packet(self, link: ClientLink, packet: bytes) -> None:
         self.handshake.on_packet(link, packet)
 
-    def on_echo(self, link: ClientLink, seq: int, bitmap: int, server_rx: int, server_tx: int) -> None:
+    def on_echo(self, link: ClientLink, seq: int, bitmap: int, server_rx: int, server_tx: int,
+                largest_reply: int) -> None:
+        self.data.largest_received.note(largest_reply)
         self.monitor.on_echo(link, seq, bitmap, server_rx, server_tx)
+
+    def on_probe_ack(self, link: ClientLink, probe_id: int, size: int) -> None:
+        self.prober.on_ack(link, probe_id, size)
+
+    def on_large_datagram(self) -> None:
+        self._steer()
 
     def on_challenge(self, link: ClientLink, token: int) -> None:
         """The server asks whether we receive at the address it saw this link's packets
@@ -2562,6 +2921,15 @@ class Client(ClientControl):
     def _on_link_up(self, link: ClientLink) -> None:
         self.log.info("%s up, rtt %.1f ms" % (link.name, (link.health.srtt or 0) * 1000))
         self._steer()
+        self.prober.on_link_up(link)
+
+    def _on_mtu_limit(self, link: ClientLink) -> None:
+        pmtu = link.pmtu
+        if pmtu.limit is not None and not pmtu.searching:
+            self.log.info("%s: path MTU %d (datagrams of %d bytes do not pass), so applications' datagrams up to "
+                          "%d bytes" % (link.name, pmtu.confirmed + ip_udp_headers(link.endpoint.family),
+                                        pmtu.limit, pmtu.confirmed - OVERHEAD))
+        self._steer()
 
     def _on_link_never_answered(self, link: ClientLink) -> None:
         self.log.warn("%s: none of its %d heartbeats was ever answered; is %s the server's address (or its "
@@ -2575,6 +2943,7 @@ class Client(ClientControl):
                           "sent on it reached the server" if liveness.lost_way == "up" else "the server sent on it "
                           "arrived", liveness.unfit_until - self.reactor.time()))
         self._steer()
+        self.prober.restart(link)  # has the path shrunk?
 
     def _on_link_down(self, link: ClientLink) -> None:
         self.log.info("%s down after %d missed heartbeats" % (link.name, link.health.consecutive_fail))
@@ -2599,6 +2968,7 @@ class Client(ClientControl):
         for link in self.links:
             link.meter.sample(now, link.tx_bytes + link.rx_bytes)
         self._steer()
+        self.prober.tick()
         if self.log.debug_enabled:
             for line in self.link_table():
                 self.log.debug(line)
@@ -2611,7 +2981,7 @@ class Client(ClientControl):
         """The data path sends on `route` from its next drain.  A link that starts
         carrying is told to the server at once, by a heartbeat."""
         was = self.data.route.carriers
-        if route.carriers == was:
+        if route.same_as(self.data.route):
             return
         self.data.route = route
         if (len(route.carriers) > 1 or len(was) > 1) and set(route.carriers) != set(was):
@@ -2702,6 +3072,8 @@ class Client(ClientControl):
             self.handshake.send_on(link)
         else:
             self.monitor.beat_now(link)
+        if link.health.up:
+            self.prober.restart(link)  # another address, perhaps another path
 
     def _make_link(self, index: int, spec: "LinkConfig", config: "ClientConfig") -> ClientLink:
         link = ClientLink(index, spec, self._on_address_change, config.max_consecutive_fail,
@@ -2723,6 +3095,7 @@ class Client(ClientControl):
     def _retire_link(self, link: ClientLink) -> None:
         link.endpoint.close()
         self.monitor.forget(link)
+        self.prober.forget(link)
         self.steering.forget(link)
         link.close_socket(self.reactor)
 
@@ -2741,9 +3114,10 @@ class Client(ClientControl):
         cfg = self.config
         now = self.reactor.time()
         carriers = self.data.route.carriers
+        largest = self.data.largest_datagram(now)
         links = []
         for link, cand in zip(self.links, self.steering.candidates(self.links, now)):
-            health = link.health
+            health, pmtu = link.health, link.pmtu
             links.append({
                 "index": link.index,
                 "address": link.endpoint.text,
@@ -2763,8 +3137,14 @@ class Client(ClientControl):
                 "carrier": link in carriers,
                 "switches": link.switches,
                 "last_answer_age_s": None if health.last_answer_at is None else round(now - health.last_answer_at, 1),
-                "data": "ok" if link.liveness.fit(now) else "unfit %s, tried again in %.0fs" % (
-                    link.liveness.lost_way, link.liveness.unfit_until - now),
+                "data": ("unfit %s, tried again in %.0fs" % (link.liveness.lost_way, link.liveness.unfit_until - now)
+                         if not link.liveness.fit(now) else "ok" if pmtu.carries(largest)
+                         else "too small for %d-byte datagrams" % largest),
+                # The largest datagram answered both ways, as an IP MTU and as the largest
+                # application datagram: what the search has proved so far.
+                "path_mtu": pmtu.confirmed + ip_udp_headers(link.endpoint.family) if pmtu.confirmed else None,
+                "max_payload": pmtu.confirmed - OVERHEAD if pmtu.confirmed else None,
+                "mtu_search": "searching" if pmtu.searching else "done",
                 "tx_packets": link.tx_packets, "tx_bytes": link.tx_bytes,
                 "rx_packets": link.rx_packets, "rx_bytes": link.rx_bytes,
             })
@@ -2881,6 +3261,9 @@ class Client(ClientControl):
              lambda link: link.rx_bytes),
             ("mpudp_link_switches_total", "counter", "Times the link became the active one.",
              lambda link: link.switches),
+            ("mpudp_link_path_mtu_bytes", "gauge", "Largest IP packet answered both ways (NaN before the first).",
+             lambda link: (link.pmtu.confirmed + ip_udp_headers(link.endpoint.family) if link.pmtu.confirmed
+                           else float("nan"))),
         ]  # type: List[Tuple[str, str, str, Callable[[ClientLink], float]]]
         metrics = [
             ("mpudp_uptime_seconds", "gauge", "Seconds since the client started.", [({}, now - self.started_at)]),
@@ -2923,7 +3306,7 @@ def _via(spec: "LinkConfig") -> str:
 def link_table_lines(links: Sequence[Dict[str, Any]]) -> List[str]:
     """The client's links (as in status()["links"]) as an aligned table; * marks the active
     one, + the others that carry copies (redundancy)."""
-    rows = [("", "link", "address", "state", "srtt ms", "loss%", "up/down", "score", "kbps", "switches")]
+    rows = [("", "link", "address", "state", "srtt ms", "loss%", "up/down", "score", "kbps", "mtu", "switches")]
     for link in links:
         rows.append((
             "*" if link["active"] else "+" if link.get("carrier") else "",
@@ -2936,6 +3319,8 @@ def link_table_lines(links: Sequence[Dict[str, Any]]) -> List[str]:
             "%s/%s" % (_percent(link["loss_up"]), _percent(link["loss_down"])),
             "%.1f" % link["score"],
             "%.1f" % link["kbps"],
+            "-" if link.get("path_mtu") is None else "%d%s" % (link["path_mtu"],
+                                                                "?" if link["mtu_search"] == "searching" else ""),
             str(link["switches"]),
         ))
     return format_table(rows)
@@ -3271,6 +3656,7 @@ class Peer:
         self.packets = 0  # authenticated packets received (and rx_bytes their bytes)
         self.rx_bytes = 0
         self.tx_packets = self.tx_bytes = 0  # replies sent, copies counted
+        self.largest_reply = RecentMax(LARGE_DATA_MEMORY_S)  # the echoes tell the client (its links' path MTU)
         self.seen_packets = 0
         self.last_heard = None  # type: Optional[float]  # at a sweep: packets came since the one before
         self.epoch_at = None  # type: Optional[float]  # when the running epoch was confirmed
@@ -3305,6 +3691,7 @@ class ServerControl:
     def on_epoch_confirmed(self, peer: Peer, epoch: Epoch) -> None: ...  # to log it
     def on_return_path(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, size: int, verdict: int) -> None: ...
     def on_path_response(self, peer: Peer, addr: tuple, token: int) -> None: ...
+    def on_probe(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, probe_id: int, size: int) -> None: ...
 
 
 class ServerDataPath:
@@ -3418,6 +3805,9 @@ class ServerDataPath:
                     hb_seq, _reserved, client_sent, client_received = HEARTBEAT_PAYLOAD.unpack_from(
                         buf, off + HEADER_SIZE)
                     call_soon(control.on_heartbeat, peer, epoch, link, addr, hb_seq, client_sent, client_received)
+                elif kind == TYPE_PROBE and n >= OVERHEAD + PROBE_PAYLOAD.size:
+                    call_soon(control.on_probe, peer, epoch, link, addr,
+                              PROBE_PAYLOAD.unpack_from(buf, off + HEADER_SIZE)[0], n)
                 else:
                     counters.add("bad_type")
         except OSError as exc:
@@ -3504,6 +3894,7 @@ class ServerDataPath:
         buf, view = batch.buf, batch.view
         batch.aim(self.listen_sock, path.addrs, self._listen_error)
         bytes_before, packets_before = batch.sent_bytes, batch.sent_packets
+        largest = 0
         while True:
             try:
                 n = sock.recv_into(batch.room())
@@ -3518,6 +3909,8 @@ class ServerDataPath:
                     continue
                 self.fragmented.note(n, max_datagram_on([family_of(a) for a in path.addrs]), self.counters,
                                      self.log, "the upstream")
+            if n > largest:
+                largest = n
             session.packets += 1
             start = batch.end
             HEADER.pack_into(buf, start, TYPE_DATA, path.link, peer.client_id, session.id, epoch.next_nonce())
@@ -3527,6 +3920,7 @@ class ServerDataPath:
             buf[end:end + MAC_SIZE] = m.digest()
             batch.push(n + OVERHEAD)
         batch.flush()
+        peer.largest_reply.note(largest)
         sent_bytes, sent = batch.sent_bytes - bytes_before, batch.sent_packets - packets_before
         peer.tx_bytes += sent_bytes
         peer.tx_packets += sent
@@ -3553,10 +3947,13 @@ class ServerDataPath:
 
     # -- sending for control, and errors ---------------------------------------
 
-    def send_control(self, packet: memoryview, addr: tuple) -> None:
-        """A handshake answer or an echo, from the listen socket."""
+    def send_control(self, packet: memoryview, addr: tuple, unfragmented: bool = False) -> None:
+        """A handshake answer, an echo or a probe's answer, from the listen socket."""
         try:
-            self.listen_sock.sendto(packet, addr)
+            if unfragmented:
+                send_unfragmented(self.listen_sock, packet, addr)
+            else:
+                self.listen_sock.sendto(packet, addr)
         except BlockingIOError:
             self.counters.add("tx_full")
         except OSError as exc:
@@ -3818,10 +4215,19 @@ class Server(ServerControl):
         state.client_sent, state.client_received = client_sent, client_received
         ctl = self._ctl
         ECHO_PAYLOAD.pack_into(ctl, HEADER_SIZE, hb_seq, (bitmap >> (last - hb_seq)) & 0xFFFFFFFF,
-                               state.data_received & COUNT_MASK, state.data_sent & COUNT_MASK)
+                               state.data_received & COUNT_MASK, state.data_sent & COUNT_MASK,
+                               peer.largest_reply.value(self.reactor.time()))
         length = seal_into(ctl, epoch.tx_mac, TYPE_ECHO, link, peer.client_id, 0, epoch.next_nonce(),
                            ECHO_PAYLOAD.size)
         self.data.send_control(memoryview(ctl)[:length], addr)
+
+    def on_probe(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, probe_id: int, size: int) -> None:
+        """Answer a path-MTU probe with its id, padded to its size, DF set, to where it came
+        from: an answer proves the size passes both ways.  Never larger than the probe."""
+        packet = bytearray(size)
+        PROBE_PAYLOAD.pack_into(packet, HEADER_SIZE, probe_id)
+        seal_into(packet, epoch.tx_mac, TYPE_PROBE_ACK, link, peer.client_id, 0, epoch.next_nonce(), size - OVERHEAD)
+        self.data.send_control(memoryview(packet), addr, unfragmented=True)
 
     # -- housekeeping ----------------------------------------------------------
 

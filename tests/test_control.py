@@ -410,31 +410,36 @@ def test_a_racer_from_another_address_does_not_move_the_path():
 # -- protocol versions ---------------------------------------------------------------------
 
 
-def test_a_server_of_another_protocol_version_is_refused_with_a_line_saying_so(reactor, clock):
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_server_of_another_protocol_version_is_refused_with_a_line_saying_so(reactor, clock, version):
     links, epochs = make_links(1), []
     handshake, static = handshake_for(reactor, links, epochs)
     handshake.start()
     hello = links[0].sock.sent[0]
     assert mpudp.parse_header(hello)[4] & mpudp.SEQ_MASK == mpudp.PROTOCOL_VERSION
     nonce = mpudp.HELLO_PAYLOAD.unpack_from(hello, mpudp.HEADER_SIZE)[0]
-    version_1 = mpudp.seal(static.welcome_mac, mpudp.TYPE_WELCOME, 0, 3, 0, 0,  # version 1: 0 in those bits
-                           mpudp.WELCOME_PAYLOAD.pack(nonce, os.urandom(16)))
-    handshake.on_packet(links[0], version_1)
+    old = mpudp.seal(static.welcome_mac, mpudp.TYPE_WELCOME, 0, 3, 0, version if version > 1 else 0,  # 1: 0 there
+                     mpudp.WELCOME_PAYLOAD.pack(nonce, os.urandom(16)))
+    handshake.on_packet(links[0], old)
     assert epochs == [] and handshake.counters["old_version"] == 1
-    assert "the server answers in wire protocol version 1, this client speaks 2" in reactor.log.stream.getvalue()
+    assert "the server answers in wire protocol version %d, this client speaks %d" % (
+        version, mpudp.PROTOCOL_VERSION) in reactor.log.stream.getvalue()
 
 
-def test_a_client_of_another_protocol_version_is_refused_with_a_line_saying_so(clock):
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_client_of_another_protocol_version_is_refused_with_a_line_saying_so(clock, version):
     reactor = mpudp.Reactor(clock=clock, log=mpudp.Log(stream=io.StringIO(), clock=clock))
     sent = []
     handshake = mpudp.ServerHandshake(reactor, reactor.log, mpudp.Counters(), lambda p, a: sent.append(bytes(p)))
     peer = mpudp.Peer(4, os.urandom(32), mpudp.Endpoint("127.0.0.1:9", "127.0.0.1", 9, lambda e: None))
     nonce = os.urandom(16)
-    version_1 = mpudp.seal(peer.static.hello_mac, mpudp.TYPE_HELLO, 0, 4, 0, mpudp.epoch_tag(nonce) << mpudp.SEQ_BITS,
-                           mpudp.HELLO_PAYLOAD.pack(nonce, bytes(16)))
+    old = mpudp.seal(peer.static.hello_mac, mpudp.TYPE_HELLO, 0, 4, 0,
+                     mpudp.epoch_tag(nonce) << mpudp.SEQ_BITS | (version if version > 1 else 0),
+                     mpudp.HELLO_PAYLOAD.pack(nonce, bytes(16)))
     for _ in range(3):
-        handshake.on_hello(peer, 0, ("192.0.2.1", 4000), version_1)
+        handshake.on_hello(peer, 0, ("192.0.2.1", 4000), old)
     assert sent == [] and handshake.counters["old_version"] == 3  # no answer at all
     text = reactor.log.stream.getvalue()
-    assert text.count("client 4 speaks wire protocol version 1, this server speaks 2: it is refused") == 1
+    assert text.count("client 4 speaks wire protocol version %d, this server speaks %d: it is refused" % (
+        version, mpudp.PROTOCOL_VERSION)) == 1
     reactor.close()

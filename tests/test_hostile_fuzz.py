@@ -100,7 +100,7 @@ def build_templates(r, rng):
         c2s.append(mpudp.seal(static.hello_mac, HELLO, 0, 0, 0, mpudp.handshake_nonce(mpudp.epoch_tag(client_nonce)),
                               mpudp.HELLO_PAYLOAD.pack(client_nonce, bytes(16))))
         s2c.append(mpudp.seal(s_epoch.tx_mac, DATA, 0, 0, 1 + i, nonce(), payload))
-        s2c.append(mpudp.seal(s_epoch.tx_mac, ECHO, 0, 0, 0, nonce(), mpudp.ECHO_PAYLOAD.pack(i + 1, 1, 0, 0)))
+        s2c.append(mpudp.seal(s_epoch.tx_mac, ECHO, 0, 0, 0, nonce(), mpudp.ECHO_PAYLOAD.pack(i + 1, 1, 0, 0, 0)))
         s2c.append(mpudp.seal(static.welcome_mac, WELCOME, 0, 0, 0, 0,
                               mpudp.WELCOME_PAYLOAD.pack(os.urandom(16), os.urandom(16))))
     return c2s, s2c
@@ -177,6 +177,7 @@ def test_fuzz_authenticated_nonsense_in_process(rig):
     sessions = set(r.client.sessions_by_id)
     fuzz = udp_socket(blocking=False)
     upstream_before = len(r.upstream_payloads())
+    probe_sizes = []
     cases = max(200, FUZZ_CASES // 4)
     for _ in range(cases):
         payload_len = rng.choice((0, 1, 7, 8, 9, 31, 32, 33, rng.randrange(1500)))
@@ -194,14 +195,16 @@ def test_fuzz_authenticated_nonsense_in_process(rig):
                 payload = random_bytes(rng, payload_len)
             packet = mpudp.seal(c2s_epoch.tx_mac, packet_kind, link, 0, rng.getrandbits(32),
                                 c2s_epoch.next_nonce(), payload)
+            if packet_kind == mpudp.TYPE_PROBE and len(packet) >= mpudp.OVERHEAD + mpudp.PROBE_PAYLOAD.size:
+                probe_sizes.append(len(packet))  # answered: a PROBE_ACK of the same size
             fuzz.sendto(packet, r.server_addr)
         else:
-            packet_kind = rng.choice((0, DATA, HEARTBEAT, ECHO, HELLO, WELCOME, 7, 15))
+            packet_kind = rng.choice((0, DATA, HEARTBEAT, ECHO, HELLO, WELCOME, 7, mpudp.TYPE_PROBE_ACK, 15))
             session = rng.getrandbits(32)
             while session in sessions:
                 session = rng.getrandbits(32)
             if packet_kind == ECHO and rng.random() < 0.5:
-                payload = mpudp.ECHO_PAYLOAD.pack(rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(32))
+                payload = mpudp.ECHO_PAYLOAD.pack(rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(16))
             else:
                 payload = random_bytes(rng, payload_len)
             packet = mpudp.seal(s2c_epoch.tx_mac, packet_kind, 0, 0, session, s2c_epoch.next_nonce(), payload)
@@ -215,7 +218,8 @@ def test_fuzz_authenticated_nonsense_in_process(rig):
     assert drain(r.app) == [], where
     answers = drain(fuzz)
     assert all(kind(data) == ECHO and len(data) == mpudp.OVERHEAD + mpudp.ECHO_PAYLOAD.size
-               for data, _ in answers), where
+               for data, _ in answers if kind(data) != mpudp.TYPE_PROBE_ACK), where
+    assert sorted(len(data) for data, _ in answers if kind(data) == mpudp.TYPE_PROBE_ACK) == sorted(probe_sizes), where
     assert r.round_trip(b"after"), where
     fuzz.close()
 

@@ -96,7 +96,21 @@ def test_a_link_that_answers_heartbeats_but_loses_data_fails_over(relay_pair, tm
         assert stream.since(broke_at) >= 0.9 * sent_since, (stream.since(broke_at), sent_since)
         print("%s: %d of %.0f echoes back in the 11 s after" % (failure, stream.since(broke_at), sent_since))
         status = wait_json(score, lambda d: True, "the status")
-        assert status["links"][active]["state"] == "down" and status["links"][active]["data"].startswith("unfit")
+        link = status["links"][active]
+        assert link["state"] == "down", link
+        if "DATA" in failure:
+            assert link["data"].startswith("unfit"), link
+        else:
+            # The search found the black hole: the link stays down for these datagrams (not
+            # tried again after a hold, losing 16 of them each time) and the status says so.
+            link = wait_json(score, lambda d: d["links"][active]["mtu_search"] == "done",
+                             "link %d's path MTU search" % active)["links"][active]
+            assert 1300 - mpudp.PMTU_GRANULARITY <= link["max_payload"] + mpudp.OVERHEAD <= 1300, link
+            assert link["path_mtu"] == link["max_payload"] + mpudp.OVERHEAD + 28, link
+            assert link["data"].startswith("unfit") or link["data"] == "too small for %d-byte datagrams" % size
+            assert pair.client.count_lines("link %d (" % active) >= 1
+            pair.client.wait_for_line("path MTU %d" % link["path_mtu"])
+            print("link %d: path MTU %d found" % (active, link["path_mtu"]))
     finally:
         stream.close()
 

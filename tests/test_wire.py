@@ -52,12 +52,16 @@ def test_type_and_flag_bits_do_not_overlap():
 def test_type_numbers_as_protocol_md():
     assert (mpudp.TYPE_DATA, mpudp.TYPE_HEARTBEAT, mpudp.TYPE_ECHO, mpudp.TYPE_HELLO, mpudp.TYPE_WELCOME) == (
         1, 2, 3, 4, 5)
+    assert (mpudp.TYPE_COOKIE, mpudp.TYPE_CHALLENGE, mpudp.TYPE_RESPONSE, mpudp.TYPE_PROBE,
+            mpudp.TYPE_PROBE_ACK) == (6, 7, 8, 9, 10)
     assert mpudp.FLAG_ACTIVE == 0x80  # byte 0, bit 7
 
 
 def test_control_packet_sizes_as_protocol_md():
-    # No answer is larger than its trigger: ECHO = HEARTBEAT = 40, WELCOME = HELLO = 64.
-    assert mpudp.OVERHEAD + mpudp.HEARTBEAT_PAYLOAD.size == mpudp.OVERHEAD + mpudp.ECHO_PAYLOAD.size == 48
+    # No answer is larger than its trigger: ECHO = HEARTBEAT = 52, WELCOME = HELLO = 64,
+    # PROBE_ACK = PROBE (the same size, padded; the smallest probe is 36 bytes).
+    assert mpudp.OVERHEAD + mpudp.HEARTBEAT_PAYLOAD.size == mpudp.OVERHEAD + mpudp.ECHO_PAYLOAD.size == 52
+    assert mpudp.OVERHEAD + mpudp.PROBE_PAYLOAD.size == 36
     assert mpudp.OVERHEAD + mpudp.HELLO_PAYLOAD.size == mpudp.OVERHEAD + mpudp.WELCOME_PAYLOAD.size == 64
     assert mpudp.MAX_DATA_PAYLOAD == 65507 - 32 == 65475
 
