@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """TCP and UDP inside a WireGuard tunnel through the relay, in network namespaces, links shaped.
 
-    sudo python3 bench/tunnel.py                          # every scenario, 3 repetitions (about 50 minutes)
+    sudo python3 bench/tunnel.py                          # every scenario, 3 repetitions (about 20 minutes)
     sudo python3 bench/tunnel.py --quick --scenario unshaped --scenario equal --paths direct,mpudp
     sudo python3 bench/tunnel.py --go /work/go-original   # also the Go original
     python3 bench/tunnel.py --show PATH.json              # the table of a saved result
@@ -180,7 +180,7 @@ TESTS_RUN = {
                  "figures": [("mbps", "Mbit/s", 1), ("cpu_ms_per_mb", "relay CPU ms/MB", 2)]},
     "udp": {"label": "UDP", "paths": PATHS,
             "figures": [("delivered_pct", "delivered %", 1), ("out_of_order_pct", "out of order %", 2),
-                        ("mbps", "received Mbit/s", 1)]},
+                        ("sent_mbps", "sent Mbit/s", 1), ("mbps", "received Mbit/s", 1)]},
     "blackhole": {"label": "TCP down", "paths": RELAYS,
                   "figures": [("gap_s", "longest gap s", 1), ("total_mb", "total MB", 1)]},
     "lowrate": {"label": "UDP 100 pps", "paths": RELAYS,
@@ -221,6 +221,7 @@ def udp_figures(report_json, cpu_s=None):
             "delivered_pct": 100.0 - s["lost_percent"] if sent else None,
             "out_of_order_pct": 100.0 * out_of_order / sent if sent else None,
             "mbps": s["bits_per_second"] / 1e6 if "sum_received" in end else None,
+            "sent_mbps": end["sum_sent"]["bits_per_second"] / 1e6 if "sum_sent" in end else None,
             "cpu_s": cpu_s,
             "cpu_us_per_pkt": cpu_s * 1e6 / delivered if cpu_s is not None and delivered else None}
 
@@ -391,7 +392,7 @@ class Topology(object):
             sh(["ip", "netns", "add", ns])
             sh(["ip", "-n", ns, "link", "set", "lo", "up"])
         for i, link in enumerate(self.links):
-            sh(["ip", "link", "add", "c%d" % i, "netns", self.client_ns, "mtu", str(VETH_MTU), "type", "veth",
+            sh(["ip", "link", "add", "name", "c%d" % i, "netns", self.client_ns, "mtu", str(VETH_MTU), "type", "veth",
                 "peer", "name", "s%d" % i, "netns", self.server_ns, "mtu", str(VETH_MTU)])
             for ns, dev, side in ((self.client_ns, "c%d" % i, "client"), (self.server_ns, "s%d" % i, "server")):
                 sh(["ip", "-n", ns, "addr", "add", self.link_ip(i, side) + "/24", "dev", dev])
@@ -439,12 +440,13 @@ class Topology(object):
         return stats["rx"]["bytes"] + stats["tx"]["bytes"]
 
     def blackhole(self, i, on):
-        """Drop everything on link i both ways (its htb leaf: pfifo limit 0), or restore its queue."""
+        """Drop everything on link i both ways (its htb leaf becomes 20: pfifo limit 0), or give it
+        its queue (10:) back.  A leaf of another kind needs another handle."""
         if not self.links[i]["mbit"]:
             raise BenchError("link %d is not shaped: nothing to blackhole" % i)
+        leaf = ["handle", "20:", "pfifo", "limit", "0"] if on else ["handle", "10:"] + queue_args(self.links[i]["mbit"])
         for ns, dev in ((self.client_ns, "c%d" % i), (self.server_ns, "s%d" % i)):
-            leaf = ["pfifo", "limit", "0"] if on else queue_args(self.links[i]["mbit"])
-            sh(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "parent", "1:10", "handle", "10:"] + leaf)
+            sh(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "parent", "1:10"] + leaf)
 
     def close(self):
         for ns in reversed(self.namespaces):
@@ -566,7 +568,7 @@ class Relays(object):
         """'client exited with N: log tail' if a process of the pair has exited, else None."""
         for who, child in self.pairs.get(path, {}).items():
             if child.proc.poll() is not None:
-                return "%s exited with %d: %s" % (who, child.proc.returncode, child.tail(5).strip())
+                return "%s exited with %d: %s" % (who, child.proc.returncode, log_tail(child.log_path, 5).strip())
         return None
 
 
@@ -637,7 +639,7 @@ class TunnelBench(object):
         return raw
 
     def scenario(self, n, name, spec):
-        tag = "%d%d" % (os.getpid(), n)
+        tag = "%dn%d" % (os.getpid(), n)  # wireguard-go names a socket after the interface: unique per run
         self.topology = topo = Topology(tag, spec["links"], self.dir, self.kids)
         progress("%s: %s; namespaces %s, %s" % (name, spec["about"], topo.client_ns, topo.server_ns))
         try:
@@ -771,7 +773,7 @@ class TunnelBench(object):
         try:
             out = json.loads(stdout.decode() or "{}")
         except ValueError:
-            return {"error": "iperf3 wrote no JSON: %s" % child.tail(3).strip()}
+            return {"error": "iperf3 wrote no JSON: %s" % log_tail(child.log_path, 3).strip()}
         error = iperf_error(out)
         if error:
             return {"error": "iperf3: %s" % error}
@@ -932,7 +934,18 @@ def choose_paths(text, have_go, error):
         if text != ",".join(PATHS):
             sys.stderr.write("tunnel: path go needs --go DIR; left out\n")
         names.remove(GO)
+    elif have_go and GO not in names:
+        sys.stderr.write("tunnel: --go given but --paths leaves go out; add it to measure the Go original\n")
     return [p for p in PATHS if p in names]
+
+
+def log_tail(path, lines=15):
+    """The end of a child's log (harness.Child.tail needs the log open; a scenario closes them)."""
+    try:
+        with open(path) as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def check_system():
@@ -972,7 +985,8 @@ def run(args):
         sys.stderr.write("tunnel: %s\n" % exc)
         for k in bench.kids.all if bench is not None else ():
             if k.proc.poll() not in (None, 0):
-                sys.stderr.write("--- %s (pid %d, exit %r) log tail:\n%s" % (k.name, k.pid, k.proc.poll(), k.tail()))
+                sys.stderr.write("--- %s (pid %d, exit %r) log tail:\n%s" % (k.name, k.pid, k.proc.poll(),
+                                                                            log_tail(k.log_path)))
         return None
     finally:
         if bench is not None:
@@ -1025,7 +1039,11 @@ def main(argv=None):
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
-    result = run(args)
+    try:
+        result = run(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("tunnel: interrupted; namespaces and children cleaned up\n")
+        return 130
     if result is None:
         return 1
     text = json.dumps(result, indent=1)
