@@ -17,15 +17,16 @@ a ``finally``, also on Ctrl-C; every child process (wireguard-go, iperf3, the
 relays, the link emulator) has its own process group and PR_SET_PDEATHSIG
 (harness.Child), so nothing outlives the bench::
 
-    client ns                                                      server ns
-    iperf3 -c --> wgC 10.77.0.1 --UDP--> 127.0.0.1:6001 mpudp client
-                  (wireguard-go)         127.0.0.1:6002 mpudp client, "aggregate": true
-                                         127.0.0.1:6003 Go client
-                                           | link 0: c0 10.201.0.1 ==veth== s0 10.201.0.2 --> servers on
-                                           | link 1: c1 10.201.1.1 ==veth== s1 10.201.1.2 --> :5001 :5002 :5003
-                                           |  (delay: link 1 via tests/linkemu.py on 127.0.0.1)   |
-                  direct: wgC --> 10.201.0.2:51820 over c0/s0, no relay                          v upstream
-                                                                          127.0.0.1:51820 wgS 10.77.0.2 <-- iperf3 -s
+    client namespace                                       server namespace
+    iperf3 -c                                              iperf3 -s -B 10.77.0.2
+      |                                                      ^
+    wg 10.77.0.1 (wireguard-go)                            wg 10.77.0.2 (wireguard-go, :51820)
+      | UDP to 127.0.0.1:6001 / :6002 / :6003                ^ UDP from 127.0.0.1
+    relay client: mpudp / mpudp "aggregate" / Go           relay server :5001 / :5002 / :5003
+      | link 0: c0 10.201.0.1 ==== veth, htb ==== s0 10.201.0.2 ^
+      | link 1: c1 10.201.1.1 ==== veth, htb ==== s1 10.201.1.2 ^
+      |   (delay: link 1 through tests/linkemu.py on 127.0.0.1, in front of c1)
+    direct: wg --> 10.201.0.2:51820 over link 0 alone, no relay
 
 Every relay pair runs all the time (idle pairs send only heartbeats); a path is
 chosen by pointing the client WireGuard's peer endpoint at it (``wg set ...
