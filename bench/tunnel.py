@@ -728,10 +728,12 @@ class TunnelBench(object):
         endpoints = (topo.wg_endpoint("client"), topo.wg_endpoint("server"))
         if endpoints[0] != "%s:%d" % self.endpoint(path):
             return {"error": "WireGuard went back to %s before the test" % endpoints[0]}
+        links_before = [topo.link_bytes(i) for i in range(len(topo.links))]
         r = self.blackhole(topo, relays, path) if test == "blackhole" else self.transfer(test, spec, topo, relays, path)
         after = (topo.wg_endpoint("client"), topo.wg_endpoint("server"))
         if after != endpoints and "error" not in r:
             r = {"error": "WireGuard roamed during the test: %s -> %s" % (" / ".join(endpoints), " / ".join(after))}
+        r["link_mb"] = [round((topo.link_bytes(i) - b) / 1e6, 2) for i, b in enumerate(links_before)]
         return r
 
     def transfer(self, test, spec, topo, relays, path):
@@ -810,7 +812,12 @@ class TunnelBench(object):
 
 
 def brief(test, r):
-    """One progress line's figures."""
+    """One progress line's figures, and the MB each link carried (both ways, all relays)."""
+    links = "; links %s MB" % " + ".join("%.1f" % mb for mb in r["link_mb"]) if "link_mb" in r else ""
+    return _brief(test, r) + links
+
+
+def _brief(test, r):
     if "error" in r:
         return "ERROR " + r["error"]
     if test == "blackhole":
