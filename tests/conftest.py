@@ -179,7 +179,10 @@ def active_index(status):
 
 
 class MpudpProcess:
-    """`python3 mpudp.py -config=PATH` as a child process; its stderr lines are kept and waitable."""
+    """`python3 mpudp.py -config=PATH` as a child process; its stderr lines are kept and waitable.
+    One still running when its test ends is stopped, and fails the test (no_process_left)."""
+
+    started = []  # this test's, for no_process_left
 
     def __init__(self, config_path, *extra_args, preexec_fn=None):
         self.config_path = config_path
@@ -187,6 +190,7 @@ class MpudpProcess:
             [sys.executable, MPUDP, "-config=%s" % config_path] + list(extra_args),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, cwd=ROOT,
             preexec_fn=preexec_fn)
+        MpudpProcess.started.append(self)
         self.lines = []
         self.cond = threading.Condition()
         self._readers = [threading.Thread(target=self._read, args=(stream,), daemon=True)
@@ -369,6 +373,19 @@ class RelayPair:
             link.close()
         self.echo.close()
         return codes
+
+
+@pytest.fixture(autouse=True)
+def no_process_left():
+    """Every mpudp process a test starts is stopped by the time it ends (after its other
+    fixtures' teardown, which this one wraps): a leaked daemon would run on forever."""
+    MpudpProcess.started = []
+    yield
+    left = [process for process in MpudpProcess.started if process.proc.poll() is None]
+    for process in left:
+        process.stop(signal.SIGKILL)
+    MpudpProcess.started = []
+    assert not left, "left running: %s" % [process.config_path for process in left]
 
 
 @pytest.fixture

@@ -132,6 +132,7 @@ def test_a_link_never_answered_says_so_once(relay_pair, tmp_path):
     cfg = dict(pair.client_cfg, links=[{"remote_addr": "127.0.0.1:%d" % pair.server_port},
                                        {"remote_addr": "127.0.0.1:%d" % dead}])
     pair.client = client = MpudpProcess(write_config(tmp_path, {"mode": "client", "client": cfg}, "two.json"))
+    pair.procs.append(client)  # stopped with the pair at the end of the test
     client.wait_for_line("link 1 (127.0.0.1:%d): none of its %d heartbeats was ever answered" % (
         dead, mpudp.NEVER_ANSWERED_HEARTBEATS))
     app = pair.app_socket()
