@@ -128,11 +128,18 @@ COOKIE_PAYLOAD = struct.Struct("!16s16s")  # client nonce, cookie
 # last 32 heartbeats received, the server's counts of the client's DATA
 # received on this link and of DATA sent to the client on it (DataLiveness), and
 # the largest reply payload it sent lately (which links are large enough).
-# Both are 52 bytes: an echo is never larger than the heartbeat it answers.
-HEARTBEAT_PAYLOAD = struct.Struct("!IIII4x")
-ECHO_PAYLOAD = struct.Struct("!IIIIH2x")
+# With aggregate, a HEARTBEAT on a carrying link also says how to spread the
+# replies: that link's estimated rate to the client (kbit/s; 0: do not spread),
+# its one-way delay (units of 0.1 ms) and how long to hold an early packet (ms).
+# Every HEARTBEAT carries the client's clock (ms), and every ECHO how much longer
+# than its least lately this link's heartbeat took one way (ms; clocks need not
+# agree): a queue towards the server, told from one towards the client.
+# Both are 56 bytes: an echo is never larger than the heartbeat it answers.
+HEARTBEAT_PAYLOAD = struct.Struct("!IIIIHHI")
+ECHO_PAYLOAD = struct.Struct("!IIIIHH4x")
 PATH_TOKEN = struct.Struct("!Q")  # CHALLENGE and RESPONSE payload
 PROBE_PAYLOAD = struct.Struct("!I")  # PROBE and PROBE_ACK: the probe's id, then zeros up to its size
+OWD_UNIT_S = 0.0001  # a heartbeat's one-way delay field
 COUNT_MASK = 0xFFFFFFFF  # counts on the wire wrap at 32 bits
 # The wire protocol's version, in the sequence-number bits of the nonce of
 # HELLO, WELCOME and COOKIE (0 there in version 1).  Both ends must agree.
@@ -176,6 +183,19 @@ IPV4_UDP_HEADERS, IPV6_UDP_HEADERS = 20 + 8, 40 + 8
 # fragmentation for one probe (IP_PMTUDISC_PROBE), and the route's MTU.
 IP_MTU_DISCOVER, IPV6_MTU_DISCOVER, PMTUDISC_PROBE = 10, 23, 3
 IP_MTU, IPV6_MTU = 14, 24
+# Aggregation (LinkRate's and ReorderBuffer's essays).
+AGG_INITIAL_RATE = 125000.0  # bytes/s (1 Mbit/s) before a link has been measured
+AGG_MIN_RATE = 12500.0  # bytes/s the carriers are taken to deliver at the least (100 kbit/s each)
+AGG_LOSS_SIGNAL = 0.02  # data lost on a link in one heartbeat interval that says it is full
+AGG_QUEUE_MARGIN_S = 0.003  # a queue (a delay) this much above the least of the carriers' gives share
+AGG_STEP = 0.1  # the least share a full (or slower) link gives up per heartbeat interval
+AGG_QUEUE_SCALE_S = 0.1  # and more for a longer queue: 20 ms above the others' gives up a fifth
+AGG_MIN_SHARE = 0.02  # every carrier keeps a little traffic, to be measured by
+AGG_HEADROOM = 1.25  # the Spreader's rates: what the carriers delivered together, and this much more
+SPREAD_AHEAD_S = 1.0  # the Spreader's virtual queues never run further ahead of now than this
+MIN_RTT_MEMORY_S = 10.0  # the least RTT is of the last 10-20 s: a path that moved is seen anew
+REORDER_HOLD_FLOOR_S = 0.010
+REORDER_HOLD_CAP_S = 0.25  # an early datagram waits for the ones before it at most this long
 DNS_RETRY_FLOOR_S = 1.0
 DNS_RETRY_CEILING_S = 60.0
 SCORE_FILE_MIN_INTERVAL_S = 1.0
@@ -941,6 +961,240 @@ class RecentMax:
         elif now - self.since >= self.period:
             self.previous, self.current, self.since = self.current, 0, now
         return max(self.current, self.previous)
+
+
+class LinkRate:
+    """One way of one link, for aggregation: what it carried over the last heartbeat
+    interval (from the echo's counts), what it lost, how much its one-way delay rose
+    above its least (the server measures the way towards it; the rest of the RTT's
+    rise is the way back), and its share of the traffic (`rebalance`)."""
+
+    __slots__ = ("share", "rate", "sent_rate", "delivered_rate", "lost_share", "queue_s")
+
+    def __init__(self) -> None:
+        self.share = 1.0  # relative to the other carriers' (rebalance normalises)
+        self.rate = AGG_INITIAL_RATE  # bytes/s: its share of what the carriers deliver, for the Spreader
+        self.sent_rate = self.delivered_rate = 0.0
+        self.lost_share = 0.0
+        self.queue_s = 0.0
+
+    def on_interval(self, sent_bytes: int, delivered_bytes: int, lost_share: float, queue_s: float,
+                    interval_s: float) -> None:
+        if interval_s > 0:
+            self.sent_rate, self.delivered_rate = sent_bytes / interval_s, delivered_bytes / interval_s
+            self.lost_share, self.queue_s = lost_share, queue_s
+
+
+def rebalance(ways: Sequence[LinkRate], delays: Sequence[float]) -> None:
+    """Each heartbeat interval, the carriers' shares of one way's traffic, with no rate
+    in the config, while they carry data:
+
+    - a carrier whose queue is above the least of theirs by AGG_QUEUE_MARGIN_S, or
+      that lost data (AGG_LOSS_SIGNAL), is full: it gives up part of its share,
+      AGG_STEP and more the longer its queue (30% at most), to the others;
+    - while none is full, the carriers whose one-way delay (`delays`) is above the
+      least by AGG_QUEUE_MARGIN_S give up AGG_STEP to the faster ones: a slow link
+      (a satellite beside fibre) carries only what the fast one cannot.
+
+    Equal queues are where each link carries in proportion to what it can, so the
+    shares follow the links' capacities, and a capacity that changes, within seconds.
+    Each link's `rate` is then its share of what the carriers delivered together,
+    with AGG_HEADROOM: the Spreader's backlogs grow when the applications send more
+    than that, and a packet goes on a slower link only when the faster one's
+    backlog would make it arrive later.  Pure."""
+    if not ways:
+        return
+    delivered = sum(way.delivered_rate for way in ways)
+    if len(ways) > 1 and delivered > AGG_MIN_RATE * len(ways):
+        least_queue = min(way.queue_s for way in ways)
+        full = [way.lost_share > AGG_LOSS_SIGNAL or way.queue_s > least_queue + AGG_QUEUE_MARGIN_S
+                for way in ways]
+        if any(full):
+            steps = [min(0.3, max(AGG_STEP, (way.queue_s - least_queue) / AGG_QUEUE_SCALE_S)) if is_full else 0.0
+                     for way, is_full in zip(ways, full)]
+        else:
+            least_delay = min(delays)
+            steps = [AGG_STEP if delay > least_delay + AGG_QUEUE_MARGIN_S else 0.0 for delay in delays]
+        _shift_shares(ways, steps)
+    total_share = sum(way.share for way in ways)
+    for way in ways:
+        way.share = max(AGG_MIN_SHARE, way.share / total_share)
+    total_share = sum(way.share for way in ways)
+    scale = max(AGG_MIN_RATE * len(ways), AGG_HEADROOM * delivered)
+    for way in ways:
+        way.rate = scale * way.share / total_share
+
+
+def _shift_shares(ways: Sequence[LinkRate], steps: Sequence[float]) -> None:
+    """Each way gives up `step` of its share; the ways that give nothing take it, by their shares."""
+    takers = sum(way.share for way, step in zip(ways, steps) if not step)
+    if not takers:
+        return
+    freed = 0.0
+    for way, step in zip(ways, steps):
+        freed += way.share * step
+        way.share -= way.share * step
+    for way, step in zip(ways, steps):
+        if not step:
+            way.share += freed * way.share / (takers or 1.0)
+
+
+class Spreader:
+    """Which link each datagram goes on, when aggregating: the one where it would arrive
+    first (as the multipath TCP and QUIC schedulers do): one-way delay plus the time
+    the link needs for what it was given before.  Each link's virtual queue is kept
+    as the time it empties at its rate, so a rate that changes affects only what
+    comes next.  A link with room takes more, a slow one takes what the fast one
+    cannot carry sooner, and a link that adds more delay than capacity gets nothing
+    until the others queue.  When more comes than the rates say the links carry,
+    the queues grow in proportion to the rates (the split stays by rate), and no
+    further than SPREAD_AHEAD_S beyond the shortest: a long overload leaves nothing
+    stale behind.  Pure."""
+
+    __slots__ = ("_free_at",)
+
+    def __init__(self) -> None:
+        self._free_at = {}  # type: Dict[Any, float]  # link -> when its virtual queue empties
+
+    def pick(self, links: Sequence[Tuple[Any, float, float]], size: int, now: float) -> Any:
+        """The link (of (link, rate bytes/s, one-way delay s)) a datagram of `size` bytes goes on."""
+        free_at = self._free_at
+        best, best_arrival, best_done = None, 0.0, 0.0
+        for link, rate, delay in links:
+            start = free_at.get(link, now)
+            done = (start if start > now else now) + size / rate
+            if best is None or done + delay < best_arrival:
+                best, best_arrival, best_done = link, done + delay, done
+        free_at[best] = best_done
+        ahead = min(free_at.get(link, now) for link, _rate, _delay in links) - now
+        if ahead > SPREAD_AHEAD_S:  # all overloaded: keep their differences, not their lead
+            for link, _rate, _delay in links:
+                free_at[link] -= ahead - SPREAD_AHEAD_S
+        return best
+
+    def forget(self, link: Any) -> None:
+        self._free_at.pop(link, None)
+
+
+class ReorderBuffer:
+    """Puts back in order what several links delivered out of it (aggregation).
+
+    The sender numbers every packet of one direction of an epoch (the nonce), so the
+    receiver knows the order; each link keeps it (a path is FIFO).  An early packet
+    waits for the ones before it, until (1) they come, (2) every link that carries
+    data (`carriers`) has delivered one newer than the missing one (then it was
+    lost: no waiting for a timer), or (3) it has waited `hold_s`: the links' delay
+    difference plus their jitter, never more than REORDER_HOLD_CAP_S.  Control
+    packets take their place in the order too (`arrive` with no item).  A packet
+    later than that is delivered at once: late is better than lost for TCP.
+    Items are (session, payload bytes): the caller copies only early packets."""
+
+    __slots__ = ("next", "held", "hold_s", "carriers", "_newest", "released_late", "skipped")
+
+    def __init__(self, first: int = 0) -> None:
+        self.next = first  # the sequence number delivered next (0: the first to arrive)
+        self.held = {}  # type: Dict[int, Tuple[float, Any]]  # seq -> (arrival, item or None)
+        self.hold_s = REORDER_HOLD_CAP_S
+        self.carriers = ()  # type: Tuple[int, ...]  # the links data comes on (the others: control only)
+        self._newest = {}  # type: Dict[int, int]  # link -> the newest seq it delivered
+        self.released_late = self.skipped = 0  # for the status and the tests
+
+    def reset(self, first: int = 1) -> None:
+        """A new epoch numbers from 1 again."""
+        self.next = first
+        self.held.clear()
+        self._newest.clear()
+
+    def arrive(self, seq: int, link: int, item: Any, now: float, out: List[Any]) -> None:
+        """Packet `seq` came on `link`; what may be delivered now is appended to `out`, in order."""
+        if seq > self._newest.get(link, 0):
+            self._newest[link] = seq
+        if item is not None and link not in self.carriers:
+            self.carriers += (link,)
+        if not self.next:
+            self.next = seq
+        if seq < self.next:
+            if item is not None:
+                self.released_late += 1
+                out.append(item)
+            return
+        if seq > self.next:
+            self.held[seq] = (now, item)
+        else:
+            if item is not None:
+                out.append(item)
+            self.next += 1
+        if self.held:
+            self._release(now, out)
+
+    def in_order(self, seq: int, link: int, data: bool) -> bool:
+        """The packet path's question, per packet: is `seq` the next one, with nothing
+        waiting?  If so it is taken as delivered (the caller delivers it); if not, the
+        caller hands it to `arrive`."""
+        if data and link not in self.carriers:
+            self.carriers += (link,)  # it carries data, whatever the sender said last
+        if seq != self.next or self.held:
+            return False
+        self.next = seq + 1
+        if seq > self._newest.get(link, 0):
+            self._newest[link] = seq
+        return True
+
+    def expire(self, now: float, out: List[Any]) -> None:
+        """Give up on what kept packets waiting longer than hold_s (a timer calls this)."""
+        if self.held:
+            self._release(now, out)
+
+    def deadline(self) -> Optional[float]:
+        """When the oldest waiting packet's hold ends (None if none waits)."""
+        return min(at for at, _item in self.held.values()) + self.hold_s if self.held else None
+
+    def _release(self, now: float, out: List[Any]) -> None:
+        held = self.held
+        while held:
+            entry = held.pop(self.next, None)
+            if entry is not None:
+                if entry[1] is not None:
+                    out.append(entry[1])
+                self.next += 1
+                continue
+            # self.next is missing: lost if every carrier is past it (all before the
+            # oldest of their newest are), or if the oldest packet waiting behind it
+            # has waited long enough (all before the first waiting one are).
+            newest = self._newest
+            passed = min([newest.get(link, 0) for link in self.carriers] or [0])
+            if passed > self.next:
+                self.skipped += 1
+                self.next = min(passed, min(held))
+            elif now - min(at for at, _item in held.values()) >= self.hold_s:
+                self.skipped += 1
+                self.next = min(held)
+            else:
+                return
+
+
+class RecentMin:
+    """The least value noted in the last one to two periods (a link's least RTT: a path
+    that moved, to a longer one, is seen anew)."""
+
+    __slots__ = ("period", "current", "previous", "since")
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self.current = self.previous = None  # type: Optional[float]
+        self.since = None  # type: Optional[float]
+
+    def note(self, value: float, now: float) -> None:
+        if self.since is None:
+            self.since = now
+        elif now - self.since >= self.period:
+            self.previous, self.current, self.since = self.current, None, now
+        if self.current is None or value < self.current:
+            self.current = value
+
+    def value(self) -> Optional[float]:
+        values = [v for v in (self.current, self.previous) if v is not None]
+        return min(values) if values else None
 
 
 class Candidate:
@@ -1933,6 +2187,11 @@ class ClientLink:
         self.data_sent = self.data_received = 0  # DATA only, copies included: what heartbeats report
         self.liveness = DataLiveness()
         self.pmtu = PathMtuSearch(MAX_UDP_PAYLOAD, ip_udp_headers(socket.AF_INET))  # PathProber sets it
+        # Aggregation: what it carries each way, its least RTT, and the counts at its last echo.
+        self.rate_up, self.rate_down = LinkRate(), LinkRate()
+        self.least_rtt = RecentMin(MIN_RTT_MEMORY_S)
+        self.up_queue_s = 0.0  # the last echo's: how much of the RTT is a queue towards the server
+        self.counts_at_echo = None  # type: Optional[Tuple[float, int, int, int, int, int, int]]
         self.switches = 0  # times this link became the active one
 
     @property
@@ -1946,6 +2205,12 @@ class ClientLink:
     @property
     def addr(self) -> Optional[tuple]:
         return self.endpoint.addr
+
+    @property
+    def one_way_delay_s(self) -> float:
+        """Half its least RTT (its queue is the Spreader's to estimate)."""
+        least = self.least_rtt.value()
+        return least / 2 if least is not None else (self.health.srtt or 0.0) / 2
 
     def open_socket(self) -> None:
         """Make the link's socket; LinkSocketError if its options cannot be applied (now).
@@ -1993,18 +2258,19 @@ class Route:
     noted (a link is known not to carry it, or it will be fragmented);
     `carried_up_to`: the largest datagram every carrier is known to pass."""
 
-    __slots__ = ("carriers", "data_flags", "watch_above", "carried_up_to")
+    __slots__ = ("carriers", "data_flags", "watch_above", "carried_up_to", "spread")
 
     def __init__(self, carriers: Tuple[ClientLink, ...] = (), watch_above: int = FITS_1500_IPV6,
-                 carried_up_to: int = MAX_DATA_PAYLOAD) -> None:
+                 carried_up_to: int = MAX_DATA_PAYLOAD, spread: bool = False) -> None:
         self.carriers = carriers
         self.data_flags = TYPE_DATA | FLAG_ACTIVE | (max(0, len(carriers) - 1) << COPIES_SHIFT)
         self.watch_above = watch_above
         self.carried_up_to = carried_up_to
+        self.spread = spread and len(carriers) > 1  # aggregate: each packet on one carrier (Spreader)
 
     def same_as(self, other: "Route") -> bool:
-        return (self.carriers, self.watch_above, self.carried_up_to) == (
-            other.carriers, other.watch_above, other.carried_up_to)
+        return (self.carriers, self.watch_above, self.carried_up_to, self.spread) == (
+            other.carriers, other.watch_above, other.carried_up_to, other.spread)
 
     def heartbeat_flags(self, link: ClientLink) -> int:
         """ACTIVE, with the number of copies, on the links data goes out on: where the
@@ -2031,11 +2297,12 @@ class ClientControl:
 
     def on_handshake_packet(self, link: ClientLink, packet: bytes) -> None: ...
     def on_echo(self, link: ClientLink, seq: int, bitmap: int, server_rx: int, server_tx: int,
-                largest_reply: int) -> None: ...
+                largest_reply: int, up_queue_ms: int) -> None: ...
     def on_challenge(self, link: ClientLink, token: int) -> None: ...
     def on_send_error(self, link: ClientLink, exc: OSError) -> None: ...
     def on_probe_ack(self, link: ClientLink, probe_id: int, size: int) -> None: ...
     def on_large_datagram(self) -> None: ...  # larger than a link is known to carry: steer again
+    def on_reorder_waiting(self) -> None: ...  # early packets wait (aggregate): a timer for them
 
 
 class ClientDataPath:
@@ -2071,6 +2338,10 @@ class ClientDataPath:
         # route.watch_above only) and the server's replies (its echoes say).
         self.largest_sent = RecentMax(LARGE_DATA_MEMORY_S)
         self.largest_received = RecentMax(LARGE_DATA_MEMORY_S)
+        # Aggregate: the scheduler for what goes up, the order for what comes down.
+        self.spreader = Spreader()
+        self.reorder = ReorderBuffer(1) if config.aggregate else None  # type: Optional[ReorderBuffer]
+        self._released = []  # type: List[Tuple[int, bytes]]
 
     def open(self) -> None:
         self.listen_sock = open_listen_socket(self.config.listen_host, self.config.listen_port)
@@ -2094,6 +2365,8 @@ class ClientDataPath:
             self._drain_without_route()
         elif len(carriers) == 1:
             self._send_on_one_link(carriers[0], epoch)
+        elif self.route.spread:
+            self._send_spread(carriers, epoch)
         else:
             self._send_copies(carriers, epoch)
 
@@ -2141,10 +2414,35 @@ class ClientDataPath:
         """Redundancy: one sequence number for all copies, so the server takes the first to
         arrive and its replay window drops the others.  Each copy names its own link, so
         each has its own MAC, and is sealed and sent on its own."""
+        flags, client_id, mac, buf = self.route.data_flags, self.config.client_id, epoch.tx_mac, self._buf
+        for session, n in self._waiting_datagrams():
+            nonce = epoch.next_nonce()
+            for link in carriers:
+                self._send_sealed(link, seal_into(buf, mac, flags, link.index, client_id, session.id, nonce, n))
+
+    def _send_spread(self, carriers: Tuple[ClientLink, ...], epoch: Epoch) -> None:
+        """Aggregate: each packet on the carrier where it would arrive first (Spreader),
+        sealed and sent on its own."""
+        flags, client_id, mac, buf = self.route.data_flags, self.config.client_id, epoch.tx_mac, self._buf
+        pick, now = self.spreader.pick, self.reactor.time()
+        choices = [(link, link.rate_up.rate, link.one_way_delay_s) for link in carriers]
+        for session, n in self._waiting_datagrams():
+            link = pick(choices, n + OVERHEAD, now)
+            if not self._send_sealed(link, seal_into(buf, mac, flags, link.index, client_id, session.id,
+                                                     epoch.next_nonce(), n)):
+                return  # control moves the route; the rest waits for the next drain
+
+    def _drain_without_route(self) -> None:
+        """No epoch or no link to send on (yet, or any more): read and count, so the socket
+        does not wake the loop again for the same packets."""
+        for _session, _n in self._waiting_datagrams():
+            self.counters.add("no_path")
+
+    def _waiting_datagrams(self):
+        """(session, length) of each datagram waiting on the listen socket, its payload
+        received at self._buf[HEADER_SIZE:]; those dropped (_session_for) are not yielded."""
         sock, session_for = self.listen_sock, self._session_for
-        flags, client_id = self.route.data_flags, self.config.client_id
-        buf, view = self._buf, self._view
-        payload_room = view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
+        payload_room = self._view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
         while True:
             try:
                 n, addr = sock.recvfrom_into(payload_room)
@@ -2154,36 +2452,24 @@ class ClientDataPath:
                 self._socket_error(exc)
                 return
             session = session_for(addr, n)
-            if session is None:
-                continue
-            nonce = epoch.next_nonce()
-            for link in carriers:
-                length = seal_into(buf, epoch.tx_mac, flags, link.index, client_id, session.id, nonce, n)
-                try:
-                    link.sock.sendto(view[:length], link.endpoint.addr)
-                except BlockingIOError:
-                    self.counters.add("tx_full")
-                except OSError as exc:
-                    link.on_send_error(exc)
-                else:
-                    link.tx_bytes += length
-                    link.tx_packets += 1
-                    link.data_sent += 1
+            if session is not None:
+                yield session, n
 
-    def _drain_without_route(self) -> None:
-        """No epoch or no link to send on (yet, or any more): read and count, so the socket
-        does not wake the loop again for the same packets."""
-        room = self._view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
-        while True:
-            try:
-                n, addr = self.listen_sock.recvfrom_into(room)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._socket_error(exc)
-                return
-            if self._session_for(addr, n) is not None:
-                self.counters.add("no_path")
+    def _send_sealed(self, link: ClientLink, length: int) -> bool:
+        """Send the DATA packet sealed at the start of the buffer on `link`; False if the
+        kernel refused it (reported to control), True if it left or the buffer was full."""
+        try:
+            link.sock.sendto(self._view[:length], link.endpoint.addr)
+        except BlockingIOError:
+            self.counters.add("tx_full")
+        except OSError as exc:
+            link.on_send_error(exc)
+            return False
+        else:
+            link.tx_bytes += length
+            link.tx_packets += 1
+            link.data_sent += 1
+        return True
 
     def _session_for(self, addr: tuple, n: int) -> Optional[ClientSession]:
         """The session of a datagram of `n` bytes from `addr` (opened if new), or None if it is dropped."""
@@ -2260,7 +2546,7 @@ class ClientDataPath:
     def _drain_link(self, link: ClientLink) -> None:
         buf, view = self._buf, self._view
         client_id, counters, call_soon = self.config.client_id, self.counters, self.reactor.call_soon
-        epoch = self.epoch
+        epoch, reorder = self.epoch, self.reorder
         try:
             for off, n, _addr in receive_datagrams(link.sock, self._bufs, view, link.gro):
                 if n < OVERHEAD:
@@ -2283,6 +2569,11 @@ class ClientDataPath:
                         continue
                     link.rx_bytes += n
                     link.rx_packets += 1
+                    if reorder is not None and not reorder.in_order(nonce & SEQ_MASK, link.index, kind == TYPE_DATA):
+                        self._arrive_early(link, kind, nonce & SEQ_MASK, session_id,
+                                           view[off + HEADER_SIZE:off + n - MAC_SIZE])
+                        if kind == TYPE_DATA:
+                            continue
                     if kind == TYPE_DATA:
                         link.data_received += 1
                         self._deliver(session_id, view[off + HEADER_SIZE:off + n - MAC_SIZE])
@@ -2299,6 +2590,34 @@ class ClientDataPath:
                         counters.add("bad_type")
         except OSError as exc:  # e.g. ECONNREFUSED reported for an earlier send
             call_soon(self.control.on_send_error, link, exc)
+        if reorder is not None and reorder.held:
+            call_soon(self.control.on_reorder_waiting)
+
+    def _arrive_early(self, link: ClientLink, kind: int, seq: int, session_id: int, payload: memoryview) -> None:
+        """Aggregate: a packet out of order.  DATA waits in the ReorderBuffer (copied), or
+        goes out late; a control packet only takes its place in the order."""
+        released = self._released
+        item = None
+        if kind == TYPE_DATA:
+            link.data_received += 1
+            item = (session_id, bytes(payload))
+        self.reorder.arrive(seq, link.index, item, self.reactor.time(), released)
+        self._deliver_released()
+
+    def _deliver_released(self) -> None:
+        for session_id, payload in self._released:
+            self._deliver(session_id, memoryview(payload))
+        del self._released[:]
+
+    def expire_reorder(self) -> None:
+        """The hold of the oldest early packet is over: deliver what may go (a timer)."""
+        if self.reorder is not None:
+            self.reorder.expire(self.reactor.time(), self._released)
+            try:
+                self._deliver_released()
+            finally:
+                self._app_batch.flush()
+                self._app_batch_session = None
 
     def _deliver(self, session_id: int, payload: memoryview) -> None:
         session = self.sessions_by_id.get(session_id)
@@ -2445,7 +2764,8 @@ class LinkMonitor:
     def __init__(self, reactor: Reactor, counters: Counters, client_id: int, data: ClientDataPath,
                  on_up: Callable[[ClientLink], None], on_down: Callable[[ClientLink], None],
                  on_never_answered: Callable[[ClientLink], None] = lambda link: None,
-                 on_data_lost: Callable[[ClientLink], None] = lambda link: None) -> None:
+                 on_data_lost: Callable[[ClientLink], None] = lambda link: None,
+                 on_counts: Callable[..., None] = lambda *counts: None) -> None:
         self.reactor = reactor
         self.counters = counters
         self.client_id = client_id
@@ -2454,6 +2774,9 @@ class LinkMonitor:
         self.on_down = on_down
         self.on_never_answered = on_never_answered
         self.on_data_lost = on_data_lost
+        self.on_counts = on_counts  # (link, its counts at the heartbeat, the server's, now): aggregation
+        # What a carrying link's heartbeat says of spreading (aggregation): rate, delay, hold.
+        self.spread_fields = lambda link: (0, 0, 0)  # type: Callable[[ClientLink], Tuple[int, int, int]]
         self.interval_s = 1.0  # heartbeat_interval_sec, set by the Client
         self._beats = {}  # type: Dict[ClientLink, _LinkBeats]
         self._ctl = bytearray(OVERHEAD + HEARTBEAT_PAYLOAD.size)
@@ -2501,13 +2824,15 @@ class LinkMonitor:
             return
         beats.seq = seq = beats.seq % 0xFFFFFFFF + 1
         ctl = self._ctl
-        HEARTBEAT_PAYLOAD.pack_into(ctl, HEADER_SIZE, seq, 0, link.data_sent & COUNT_MASK,
-                                    link.data_received & COUNT_MASK)
-        length = seal_into(ctl, epoch.tx_mac, self.data.route.heartbeat_flags(link), link.index, self.client_id,
+        route = self.data.route
+        rate_kbps, delay, hold_ms = self.spread_fields(link) if route.spread and link in route.carriers else (0, 0, 0)
+        HEARTBEAT_PAYLOAD.pack_into(ctl, HEADER_SIZE, seq, rate_kbps, link.data_sent & COUNT_MASK,
+                                    link.data_received & COUNT_MASK, delay, hold_ms, int(now * 1000) & COUNT_MASK)
+        length = seal_into(ctl, epoch.tx_mac, route.heartbeat_flags(link), link.index, self.client_id,
                            0, epoch.next_nonce(), HEARTBEAT_PAYLOAD.size)
         link.health.on_sent(seq, now)
         beats.timeouts[seq] = self.reactor.call_at(now + link.health.timeout(), self._timed_out, link, seq)
-        beats.data_sent_at[seq] = link.data_sent
+        beats.data_sent_at[seq] = (link.data_sent, link.tx_bytes, now)
         exc = link.send(memoryview(ctl)[:length], self.counters)
         if exc is not None:
             link.on_send_error(exc)
@@ -2532,12 +2857,15 @@ class LinkMonitor:
             return  # the link was removed by a reload
         self.reactor.cancel(beats.timeouts.pop(seq, None))
         now = self.reactor.time()
-        sent_at_heartbeat = beats.data_sent_at.pop(seq, None)
+        at_heartbeat = beats.data_sent_at.pop(seq, None)
         if link.health.on_echo(seq, bitmap, now):
             self.on_up(link)
-        if sent_at_heartbeat is not None and link.liveness.on_echo(sent_at_heartbeat, link.data_received,
-                                                                   server_rx, server_tx, now):
+        if at_heartbeat is None:
+            return
+        data_sent, tx_bytes, sent_at = at_heartbeat
+        if link.liveness.on_echo(data_sent, link.data_received, server_rx, server_tx, now):
             self.on_data_lost(link)
+        self.on_counts(link, data_sent, tx_bytes, sent_at, server_rx, server_tx, now)
 
 
 class _LinkBeats:
@@ -2550,7 +2878,8 @@ class _LinkBeats:
         self.next_at = 0.0
         self.timer = None  # type: Optional[Timer]
         self.timeouts = {}  # type: Dict[int, Timer]  # heartbeat seq -> its timeout
-        self.data_sent_at = {}  # type: Dict[int, int]  # heartbeat seq -> the link's DATA count then
+        # heartbeat seq -> the link's DATA count, bytes sent and the time, when it was sent
+        self.data_sent_at = {}  # type: Dict[int, Tuple[int, int, float]]
 
 
 class PathProber:
@@ -2771,17 +3100,21 @@ class Steering:
         active = self.active
         if active is None or active.sock is None:
             return Route()
-        extra = self.copies_wanted() - 1
+        aggregate = self.config.aggregate
+        extra = len(links) if aggregate else self.copies_wanted() - 1
         others = []  # type: List[ClientLink]
         if extra > 0:
-            others = [link for link in links if link is not active and candidates[link.index].up]
+            # Aggregate: every other steady link that is up (a link that came back
+            # gets a share only once steady); redundancy: the best that are up.
+            others = [link for link in links if link is not active and candidates[link.index].up
+                      and (link.health.steady or not aggregate)]
             others.sort(key=lambda link: candidates[link.index].score, reverse=True)
         carriers = (active,) + tuple(others[:extra])
 
         def largest_passing(among: Sequence[ClientLink]) -> int:
             return min([link.pmtu.limit - 1 - OVERHEAD for link in among if link.pmtu.limit is not None]
                        + [MAX_DATA_PAYLOAD])
-        return Route(carriers, min(FITS_1500_IPV6, largest_passing(links)), largest_passing(carriers))
+        return Route(carriers, min(FITS_1500_IPV6, largest_passing(links)), largest_passing(carriers), aggregate)
 
 
 class Client(ClientControl):
@@ -2800,7 +3133,8 @@ class Client(ClientControl):
                                          lambda: self.links, self._on_new_epoch)
         self.monitor = LinkMonitor(reactor, self.counters, config.client_id, self.data,
                                    self._on_link_up, self._on_link_down, self._on_link_never_answered,
-                                   self._on_data_lost)
+                                   self._on_data_lost, self._measure_rates)
+        self.monitor.spread_fields = self._spread_fields
         self.prober = PathProber(reactor, self.counters, config.client_id, self.data, self._on_mtu_limit)
         self.steering = Steering(config, log, self.data.largest_datagram)
         self._apply_intervals(config)
@@ -2811,6 +3145,7 @@ class Client(ClientControl):
         self._last_score_file_at = None  # type: Optional[float]
         self.started_at = reactor.time()
         self.epoch_at = None  # type: Optional[float]  # when the running epoch was agreed
+        self._reorder_timer = None  # type: Optional[Timer]
 
     # -- what the data path reads, for tests and status ------------------------
 
@@ -2857,6 +3192,7 @@ class Client(ClientControl):
         self.handshake.close()
         self.monitor.close()
         self.prober.close()
+        self.reactor.cancel(self._reorder_timer)
         for link in self.links:
             self._retire_link(link)
         self.data.close()
@@ -2874,8 +3210,9 @@ class Client(ClientControl):
         self.handshake.on_packet(link, packet)
 
     def on_echo(self, link: ClientLink, seq: int, bitmap: int, server_rx: int, server_tx: int,
-                largest_reply: int) -> None:
+                largest_reply: int, up_queue_ms: int) -> None:
         self.data.largest_received.note(largest_reply)
+        link.up_queue_s = up_queue_ms / 1000
         self.monitor.on_echo(link, seq, bitmap, server_rx, server_tx)
 
     def on_probe_ack(self, link: ClientLink, probe_id: int, size: int) -> None:
@@ -2883,6 +3220,64 @@ class Client(ClientControl):
 
     def on_large_datagram(self) -> None:
         self._steer()
+
+    # -- aggregation -----------------------------------------------------------
+
+    def on_reorder_waiting(self) -> None:
+        """Early packets wait for the ones before them: a timer for the end of their hold."""
+        reorder = self.data.reorder
+        deadline = reorder.deadline() if reorder is not None else None
+        if deadline is None or (self._reorder_timer is not None and self._reorder_timer.when <= deadline):
+            return
+        self.reactor.cancel(self._reorder_timer)
+        self._reorder_timer = self.reactor.call_at(deadline, self._reorder_hold_over)
+
+    def _reorder_hold_over(self) -> None:
+        self._reorder_timer = None
+        self.data.expire_reorder()
+        self.on_reorder_waiting()
+
+    def _measure_rates(self, link: ClientLink, data_sent: int, tx_bytes: int, sent_at: float, server_rx: int,
+                       server_tx: int, now: float) -> None:
+        """An echo's counts against the last echo's: what the link carried each way over
+        the interval, what it lost, and how much it queued (LinkRate)."""
+        rtt = now - sent_at
+        link.least_rtt.note(rtt, now)
+        counts = (now, data_sent, tx_bytes, server_rx, server_tx, link.data_received, link.rx_bytes)
+        last, link.counts_at_echo = link.counts_at_echo, counts
+        if last is None or not self.config.aggregate:
+            return
+        interval = now - last[0]
+        sent, sent_bytes = data_sent - last[1], tx_bytes - last[2]
+        arrived, server_sent = (server_rx - last[3]) & COUNT_MASK, (server_tx - last[4]) & COUNT_MASK
+        received, received_bytes = link.data_received - last[5], link.rx_bytes - last[6]
+        if max(arrived, server_sent) >= 1 << 31:
+            return  # a count went back: a new server
+        least = link.least_rtt.value() or rtt
+        lost_up = max(0.0, 1 - arrived / sent) if sent else 0.0
+        lost_down = max(0.0, 1 - received / server_sent) if server_sent else 0.0
+        link.rate_up.on_interval(sent_bytes, int(sent_bytes * (1 - lost_up)), lost_up, link.up_queue_s, interval)
+        link.rate_down.on_interval(int(received_bytes / (1 - lost_down)) if lost_down < 1 else 0, received_bytes,
+                                   lost_down, max(0.0, rtt - least - link.up_queue_s), interval)
+
+    def _spread_fields(self, link: ClientLink) -> Tuple[int, int, int]:
+        """What a carrying link's heartbeat tells the server: its rate down (kbit/s, at least
+        1: 0 would mean "do not spread"), its one-way delay, the reorder hold (ms)."""
+        rate_kbps = max(1, min(0xFFFFFFFF, int(link.rate_down.rate * 8 / 1000)))
+        delay = min(0xFFFF, int(link.one_way_delay_s / OWD_UNIT_S))
+        hold_ms = min(0xFFFF, int(math.ceil(self._reorder_hold_s() * 1000)))
+        return rate_kbps, delay, hold_ms
+
+    def _reorder_hold_s(self, carriers: Optional[Tuple[ClientLink, ...]] = None) -> float:
+        """How long an early packet waits: the carriers' delay difference (their smoothed
+        RTTs', queues included) and their jitter, within the floor and cap."""
+        carriers = self.data.route.carriers if carriers is None else carriers
+        srtts = [link.health.srtt for link in carriers if link.health.srtt is not None]
+        if not srtts:
+            return REORDER_HOLD_CAP_S
+        # The whole RTT difference, not half: the queues that make it may all be one way.
+        spread = max(srtts) - min(srtts) + 4 * max(link.health.rttvar or 0.0 for link in carriers)
+        return min(REORDER_HOLD_CAP_S, max(REORDER_HOLD_FLOOR_S, spread))
 
     def on_challenge(self, link: ClientLink, token: int) -> None:
         """The server asks whether we receive at the address it saw this link's packets
@@ -2914,6 +3309,8 @@ class Client(ClientControl):
 
     def _on_new_epoch(self, epoch: Epoch) -> None:
         self.data.epoch = epoch
+        if self.data.reorder is not None:
+            self.data.reorder.reset()  # the server numbers from 1 again
         self.epoch_at = self.reactor.time()
         for link in self.links:  # the first packet under the new keys makes the server switch
             self.monitor.beat_now(link)
@@ -2969,6 +3366,19 @@ class Client(ClientControl):
             link.meter.sample(now, link.tx_bytes + link.rx_bytes)
         self._steer()
         self.prober.tick()
+        if self.config.aggregate:
+            carriers = self.data.route.carriers
+            delays = [link.one_way_delay_s for link in carriers]
+            rebalance([link.rate_up for link in carriers], delays)
+            rebalance([link.rate_down for link in carriers], delays)
+        if self.config.aggregate and self.log.debug_enabled:
+            self.log.debug("aggregate: " + "; ".join(
+                "link %d up %.0f%% %.1f Mbit/s q %.1f ms loss %.1f%%, down %.0f%% %.1f Mbit/s q %.1f ms loss %.1f%%"
+                % (link.index, link.rate_up.share * 100, link.rate_up.delivered_rate * 8e-6,
+                   link.rate_up.queue_s * 1000, link.rate_up.lost_share * 100, link.rate_down.share * 100,
+                   link.rate_down.delivered_rate * 8e-6, link.rate_down.queue_s * 1000,
+                   link.rate_down.lost_share * 100)
+                for link in self.data.route.carriers))
         if self.log.debug_enabled:
             for line in self.link_table():
                 self.log.debug(line)
@@ -2981,6 +3391,10 @@ class Client(ClientControl):
         """The data path sends on `route` from its next drain.  A link that starts
         carrying is told to the server at once, by a heartbeat."""
         was = self.data.route.carriers
+        reorder = self.data.reorder
+        if reorder is not None:  # the links the server spreads replies over, and how long to wait
+            reorder.carriers = tuple(link.index for link in route.carriers)
+            reorder.hold_s = self._reorder_hold_s(route.carriers)
         if route.same_as(self.data.route):
             return
         self.data.route = route
@@ -3148,6 +3562,8 @@ class Client(ClientControl):
                 "tx_packets": link.tx_packets, "tx_bytes": link.tx_bytes,
                 "rx_packets": link.rx_packets, "rx_bytes": link.rx_bytes,
             })
+            if cfg.aggregate:  # what each link carries of the traffic, and what it is estimated to carry
+                links[-1].update(self._aggregate_status(link))
             if link.spec.bound:
                 links[-1]["via"] = describe_link_binding(link.spec)
             if link.waiting:
@@ -3164,8 +3580,19 @@ class Client(ClientControl):
             "sessions": len(self.data.sessions_by_id),
             "copies": len(carriers),
             "carriers": [link.index for link in carriers],
+            "reorder": reorder_status(self.data.reorder),
             "links": links,
             "counters": dict(self.counters),
+        }
+
+    def _aggregate_status(self, link: ClientLink) -> Dict[str, Any]:
+        sent = sum(each.rate_up.sent_rate for each in self.links)
+        received = sum(each.rate_down.delivered_rate for each in self.links)
+        return {
+            "share_up": round(link.rate_up.sent_rate / sent, 3) if sent else 0.0,
+            "share_down": round(link.rate_down.delivered_rate / received, 3) if received else 0.0,
+            "rate_up_kbps": round(link.rate_up.rate * 8 / 1000, 1),
+            "rate_down_kbps": round(link.rate_down.rate * 8 / 1000, 1),
         }
 
     def link_table(self) -> List[str]:
@@ -3265,6 +3692,13 @@ class Client(ClientControl):
              lambda link: (link.pmtu.confirmed + ip_udp_headers(link.endpoint.family) if link.pmtu.confirmed
                            else float("nan"))),
         ]  # type: List[Tuple[str, str, str, Callable[[ClientLink], float]]]
+        if self.config.aggregate:
+            per_link += [
+                ("mpudp_link_rate_up_bytes_per_second", "gauge", "What the link is estimated to carry to the server "
+                 "(aggregate).", lambda link: link.rate_up.rate),
+                ("mpudp_link_rate_down_bytes_per_second", "gauge", "What the link is estimated to carry from the "
+                 "server (aggregate).", lambda link: link.rate_down.rate),
+            ]
         metrics = [
             ("mpudp_uptime_seconds", "gauge", "Seconds since the client started.", [({}, now - self.started_at)]),
             ("mpudp_handshake_age_seconds", "gauge", "Seconds since the running epoch was agreed (+Inf: none).",
@@ -3276,6 +3710,14 @@ class Client(ClientControl):
                                                      float(read(link)))
                                                     for link in self.links]))
         return metrics + [drop_metrics(self.counters)]
+
+
+def reorder_status(reorder: Optional[ReorderBuffer]) -> Optional[Dict[str, Any]]:
+    """With aggregate: how the packets that came out of order were put back."""
+    if reorder is None:
+        return None
+    return {"hold_ms": round(reorder.hold_s * 1000, 1), "waiting": len(reorder.held),
+            "late": reorder.released_late, "given_up": reorder.skipped}
 
 
 def _round_or_none(value: Optional[float]) -> Optional[float]:
@@ -3306,7 +3748,9 @@ def _via(spec: "LinkConfig") -> str:
 def link_table_lines(links: Sequence[Dict[str, Any]]) -> List[str]:
     """The client's links (as in status()["links"]) as an aligned table; * marks the active
     one, + the others that carry copies (redundancy)."""
-    rows = [("", "link", "address", "state", "srtt ms", "loss%", "up/down", "score", "kbps", "mtu", "switches")]
+    aggregate = any("share_up" in link for link in links)
+    rows = [("", "link", "address", "state", "srtt ms", "loss%", "up/down", "score", "kbps", "mtu", "switches")
+            + (("share up/down", "est. Mbit/s up/down") if aggregate else ())]
     for link in links:
         rows.append((
             "*" if link["active"] else "+" if link.get("carrier") else "",
@@ -3322,7 +3766,8 @@ def link_table_lines(links: Sequence[Dict[str, Any]]) -> List[str]:
             "-" if link.get("path_mtu") is None else "%d%s" % (link["path_mtu"],
                                                                 "?" if link["mtu_search"] == "searching" else ""),
             str(link["switches"]),
-        ))
+        ) + (("%.0f%%/%.0f%%" % (link["share_up"] * 100, link["share_down"] * 100),
+              "%.1f/%.1f" % (link["rate_up_kbps"] / 1000, link["rate_down_kbps"] / 1000)) if aggregate else ()))
     return format_table(rows)
 
 
@@ -3633,12 +4078,27 @@ class PeerLink:
     a bitmap of the 32 before, for the echoes) and its DATA counts, both ways, which
     the echoes carry back (DataLiveness), beside the client's own from its heartbeats."""
 
-    __slots__ = ("hb_last", "hb_bitmap", "data_received", "data_sent", "client_sent", "client_received")
+    __slots__ = ("hb_last", "hb_bitmap", "data_received", "data_sent", "client_sent", "client_received",
+                 "rate", "delay_s", "clock_base", "least_one_way")
 
     def __init__(self) -> None:
         self.hb_last = self.hb_bitmap = 0
         self.data_received = self.data_sent = 0
         self.client_sent = self.client_received = 0
+        self.rate = AGG_INITIAL_RATE  # bytes/s to the client on this link, as its heartbeats say (aggregate)
+        self.delay_s = 0.0
+        self.clock_base = None  # type: Optional[int]  # the first heartbeat's (our clock - its clock), ms
+        self.least_one_way = RecentMin(MIN_RTT_MEMORY_S)  # the least heartbeat one-way time, from clock_base
+
+    def up_queue_ms(self, client_ms: int, now: float) -> int:
+        """How much longer than its least lately this heartbeat took to come (ms): the
+        queue towards us.  The clocks' offset cancels out; counts wrap at 2^32 ms."""
+        offset = (int(now * 1000) - client_ms) & COUNT_MASK
+        if self.clock_base is None:
+            self.clock_base = offset
+        relative = ((offset - self.clock_base + (1 << 31)) & COUNT_MASK) - (1 << 31)
+        self.least_one_way.note(relative, now)
+        return max(0, min(0xFFFF, relative - int(self.least_one_way.value() or 0)))
 
 
 class Peer:
@@ -3657,6 +4117,11 @@ class Peer:
         self.rx_bytes = 0
         self.tx_packets = self.tx_bytes = 0  # replies sent, copies counted
         self.largest_reply = RecentMax(LARGE_DATA_MEMORY_S)  # the echoes tell the client (its links' path MTU)
+        # Aggregate, while the client's heartbeats ask for it: replies spread over its
+        # carrying links, and its packets put back in order before the upstream.
+        self.spreader = None  # type: Optional[Spreader]
+        self.reorder = None  # type: Optional[ReorderBuffer]
+        self.reorder_timer = None  # type: Optional[Timer]
         self.seen_packets = 0
         self.last_heard = None  # type: Optional[float]  # at a sweep: packets came since the one before
         self.epoch_at = None  # type: Optional[float]  # when the running epoch was confirmed
@@ -3680,6 +4145,12 @@ class Peer:
         self.epoch = epoch
         self.pending.clear()
         self.return_path.new_epoch()  # heartbeat bitmaps stay: a new epoch does not restart the link's count
+        if self.reorder is not None:
+            self.reorder.reset()  # this packet is the new epoch's first taken in
+
+    def spread_links(self) -> List[Tuple[Tuple[int, tuple], float, float]]:
+        """((link, address), rate, delay) of each validated carrying link, for the Spreader."""
+        return [((link, addr), self.link(link).rate, self.link(link).delay_s) for link, addr in self.return_path.links]
 
 
 class ServerControl:
@@ -3687,11 +4158,12 @@ class ServerControl:
 
     def on_hello(self, peer: Peer, link: int, addr: tuple, packet: bytes) -> None: ...
     def on_heartbeat(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, hb_seq: int, client_sent: int,
-                     client_received: int) -> None: ...
+                     client_received: int, spread: Tuple[int, int, int, int], active: bool) -> None: ...
     def on_epoch_confirmed(self, peer: Peer, epoch: Epoch) -> None: ...  # to log it
     def on_return_path(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, size: int, verdict: int) -> None: ...
     def on_path_response(self, peer: Peer, addr: tuple, token: int) -> None: ...
     def on_probe(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, probe_id: int, size: int) -> None: ...
+    def on_reorder_waiting(self, peer: Peer) -> None: ...
 
 
 class ServerDataPath:
@@ -3719,6 +4191,8 @@ class ServerDataPath:
         self.fragmented = FragmentWarning()
         self.session_budget = 1 << 30  # sessions of all clients together: what the fd limit allows
         self.open_sessions = 0
+        self._released = []  # type: List[Tuple[int, bytes]]  # by a ReorderBuffer, to forward
+        self._waiting = {}  # type: Dict[int, Peer]  # by client id: early packets wait, after a drain
         for peer in peers.values():
             peer.on_upstream_error = (lambda p: lambda exc: self.upstream_error(p, exc))(peer)
 
@@ -3789,6 +4263,15 @@ class ServerDataPath:
                     verdict = peer.return_path.observe(link, addr, seq, type_flags & COPIES_MASK, n)
                     if verdict:
                         call_soon(control.on_return_path, peer, epoch, link, addr, n, verdict)
+                reorder = peer.reorder
+                if reorder is not None and not reorder.in_order(seq, link, kind == TYPE_DATA):
+                    if kind == TYPE_DATA:
+                        peer.link(link).data_received += 1
+                        batch_session = self._arrive_early(peer, seq, link, session_id,
+                                                           view[off + HEADER_SIZE:off + n - MAC_SIZE])
+                        continue
+                    reorder.arrive(seq, link, None, self.reactor.time(), self._released)
+                    batch_session = self._forward_released(peer, batch_session)
                 if kind == TYPE_DATA:
                     peer.link(link).data_received += 1
                     session = peer.sessions.get(session_id) or self._open_session(peer, session_id)
@@ -3802,9 +4285,10 @@ class ServerDataPath:
                 elif kind == TYPE_RESPONSE and n == OVERHEAD + PATH_TOKEN.size:
                     call_soon(control.on_path_response, peer, addr, PATH_TOKEN.unpack_from(buf, off + HEADER_SIZE)[0])
                 elif kind == TYPE_HEARTBEAT and n == OVERHEAD + HEARTBEAT_PAYLOAD.size:
-                    hb_seq, _reserved, client_sent, client_received = HEARTBEAT_PAYLOAD.unpack_from(
-                        buf, off + HEADER_SIZE)
-                    call_soon(control.on_heartbeat, peer, epoch, link, addr, hb_seq, client_sent, client_received)
+                    hb_seq, rate_kbps, client_sent, client_received, delay, hold_ms, client_ms = (
+                        HEARTBEAT_PAYLOAD.unpack_from(buf, off + HEADER_SIZE))
+                    call_soon(control.on_heartbeat, peer, epoch, link, addr, hb_seq, client_sent, client_received,
+                              (rate_kbps, delay, hold_ms, client_ms), bool(type_flags & FLAG_ACTIVE))
                 elif kind == TYPE_PROBE and n >= OVERHEAD + PROBE_PAYLOAD.size:
                     call_soon(control.on_probe, peer, epoch, link, addr,
                               PROBE_PAYLOAD.unpack_from(buf, off + HEADER_SIZE)[0], n)
@@ -3812,6 +4296,46 @@ class ServerDataPath:
                     counters.add("bad_type")
         except OSError as exc:
             self.socket_error("listen", exc)
+        for peer in self._waiting.values():
+            call_soon(control.on_reorder_waiting, peer)
+        self._waiting.clear()
+
+    # -- aggregate: the client's packets back in order -------------------------
+
+    def _arrive_early(self, peer: Peer, seq: int, link: int, session_id: int, payload: memoryview
+                      ) -> Optional[ServerSession]:
+        """A DATA packet out of order: it waits (copied), or goes out late with what it
+        releases; the session the upstream batch is aimed at after that."""
+        peer.reorder.arrive(seq, link, (session_id, bytes(payload)), self.reactor.time(), self._released)
+        return self._forward_released(peer, None)
+
+    def _forward_released(self, peer: Peer, batch_session: Optional[ServerSession]) -> Optional[ServerSession]:
+        batch = self._upstream_batch
+        for session_id, payload in self._released:
+            session = peer.sessions.get(session_id) or self._open_session(peer, session_id)
+            if session is None:
+                continue
+            session.packets += 1
+            if session is not batch_session:
+                batch.aim(session.sock, CONNECTED_PEER, peer.on_upstream_error)
+                batch_session = session
+            batch.append(memoryview(payload))
+        del self._released[:]
+        if peer.reorder is not None and peer.reorder.held:
+            self._waiting[peer.client_id] = peer
+        return batch_session
+
+    def expire_reorder(self, peer: Peer, everything: bool = False) -> None:
+        """The hold of the client's oldest early packet is over (a timer), or aggregation
+        ends (`everything` waiting goes, in order)."""
+        if peer.reorder is None:
+            return
+        peer.reorder.expire(float("inf") if everything else self.reactor.time(), self._released)
+        try:
+            self._forward_released(peer, None)
+        finally:
+            self._upstream_batch.flush()
+        self._waiting.pop(peer.client_id, None)
 
     def _open_session(self, peer: Peer, session_id: int) -> Optional[ServerSession]:
         if len(peer.sessions) >= self.config.max_sessions:
@@ -3887,6 +4411,9 @@ class ServerDataPath:
         if epoch is None or not path.addrs:
             self._drain_without_path(session)
             return
+        if peer.spreader is not None and len(path.links) > 1:
+            self._send_spread(session, peer, epoch)
+            return
         # Replies are sealed in place in the batch and leave together (SendBatch);
         # copies (redundancy) are the same bytes to each return address: the
         # client takes the first to arrive, whichever socket it comes in on.
@@ -3930,6 +4457,45 @@ class ServerDataPath:
                 peer.link(link).data_sent += per_address
             if path.unvalidated:
                 path.spent(sent_bytes // len(path.addrs))
+
+    def _send_spread(self, session: ServerSession, peer: Peer, epoch: Epoch) -> None:
+        """Aggregate: each reply on the carrying link where it would arrive first, as the
+        client's heartbeats describe them (their rate and delay), sealed and sent on its own.
+        Only validated addresses: a NAT that rebinds a link stalls that link's share for
+        the round trip of its challenge."""
+        sock, pick = session.sock, peer.spreader.pick
+        buf, view = self._buf, self._view
+        payload_room = view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
+        choices = peer.spread_links()
+        now = self.reactor.time()
+        largest = 0
+        while True:
+            try:
+                n = sock.recv_into(payload_room)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self.upstream_error(peer, exc)
+                continue
+            if n > MAX_DATA_PAYLOAD:
+                self.counters.add("oversize")
+                continue
+            if n > largest:
+                largest = n
+            session.packets += 1
+            link, addr = pick(choices, n + OVERHEAD, now)
+            length = seal_into(buf, epoch.tx_mac, TYPE_DATA, link, peer.client_id, session.id, epoch.next_nonce(), n)
+            try:
+                self.listen_sock.sendto(view[:length], addr)
+            except BlockingIOError:
+                self.counters.add("tx_full")
+            except OSError as exc:
+                self.socket_error("listen", exc)
+            else:
+                peer.tx_bytes += length
+                peer.tx_packets += 1
+                peer.link(link).data_sent += 1
+        peer.largest_reply.note(largest)
 
     def _drain_without_path(self, session: ServerSession) -> None:
         """Replies for a client whose return path is not known (yet, or any more): dropped."""
@@ -4177,6 +4743,8 @@ class Server(ServerControl):
         """Logged at a bounded rate: a NAT that alternates two source ports moves the path on
         every packet.  Past PATH_LINES_PER_INTERVAL lines, one line at the end of the
         interval says where replies go then, and how often they moved."""
+        if peer.reorder is not None:  # the links the client's data comes on
+            peer.reorder.carriers = tuple(link for link, _addr in peer.return_path.links)
         peer.path_moves += 1
         if peer.path_line_timer is not None:
             return  # that line is due already
@@ -4198,10 +4766,15 @@ class Server(ServerControl):
             peer.path_announced = True
 
     def on_heartbeat(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, hb_seq: int, client_sent: int,
-                     client_received: int) -> None:
+                     client_received: int, spread: Tuple[int, int, int, int] = (0, 0, 0, 0),
+                     active: bool = False) -> None:
         """Echo a heartbeat under the epoch it came in, with a bitmap of the last 32 on its
-        link and our DATA counts on it, each way."""
+        link and our DATA counts on it, each way.  An ACTIVE one says whether the client
+        aggregates (a rate), and how: its link's rate and delay, the reorder hold."""
         state = peer.link(link)
+        rate_kbps, delay, hold_ms, client_ms = spread
+        if active:
+            self._aggregate(peer, state, rate_kbps, delay, hold_ms)
         last, bitmap = state.hb_last, state.hb_bitmap
         if not last or hb_seq + 32 <= last or hb_seq > last + 0x7FFFFFFF:
             last, bitmap = hb_seq, 0  # first, or the client restarted its count
@@ -4216,10 +4789,41 @@ class Server(ServerControl):
         ctl = self._ctl
         ECHO_PAYLOAD.pack_into(ctl, HEADER_SIZE, hb_seq, (bitmap >> (last - hb_seq)) & 0xFFFFFFFF,
                                state.data_received & COUNT_MASK, state.data_sent & COUNT_MASK,
-                               peer.largest_reply.value(self.reactor.time()))
+                               peer.largest_reply.value(self.reactor.time()),
+                               state.up_queue_ms(client_ms, self.reactor.time()))
         length = seal_into(ctl, epoch.tx_mac, TYPE_ECHO, link, peer.client_id, 0, epoch.next_nonce(),
                            ECHO_PAYLOAD.size)
         self.data.send_control(memoryview(ctl)[:length], addr)
+
+    def _aggregate(self, peer: Peer, state: PeerLink, rate_kbps: int, delay: int, hold_ms: int) -> None:
+        if not rate_kbps:
+            if peer.spreader is not None:
+                self.log.info("client %d: replies on one link again (no aggregate)" % peer.client_id)
+                peer.spreader = None
+                self.data.expire_reorder(peer, everything=True)
+                peer.reorder = None
+            return
+        if peer.spreader is None:
+            self.log.info("client %d aggregates: replies spread over its carrying links" % peer.client_id)
+            peer.spreader = Spreader()
+            peer.reorder = ReorderBuffer()
+        state.rate = rate_kbps * 1000 / 8
+        state.delay_s = delay * OWD_UNIT_S
+        peer.reorder.hold_s = min(REORDER_HOLD_CAP_S, hold_ms / 1000)
+        peer.reorder.carriers = tuple(link for link, _addr in peer.return_path.links)
+
+    def on_reorder_waiting(self, peer: Peer) -> None:
+        reorder = peer.reorder
+        deadline = reorder.deadline() if reorder is not None else None
+        if deadline is None or (peer.reorder_timer is not None and peer.reorder_timer.when <= deadline):
+            return
+        self.reactor.cancel(peer.reorder_timer)
+        peer.reorder_timer = self.reactor.call_at(deadline, self._reorder_hold_over, peer)
+
+    def _reorder_hold_over(self, peer: Peer) -> None:
+        peer.reorder_timer = None
+        self.data.expire_reorder(peer)
+        self.on_reorder_waiting(peer)
 
     def on_probe(self, peer: Peer, epoch: Epoch, link: int, addr: tuple, probe_id: int, size: int) -> None:
         """Answer a path-MTU probe with its id, padded to its size, DF set, to where it came
@@ -4277,6 +4881,9 @@ class Server(ServerControl):
                 "handshake_age_s": None if peer.epoch_at is None else round(now - peer.epoch_at, 1),
                 "rx_packets": peer.packets, "rx_bytes": peer.rx_bytes,
                 "tx_packets": peer.tx_packets, "tx_bytes": peer.tx_bytes,
+                "aggregate": peer.spreader is not None,
+                "reorder": reorder_status(peer.reorder),
+                "data_sent_by_link": {str(link): state.data_sent for link, state in sorted(peer.links.items())},
             })
         return {"mode": "server", "pid": os.getpid(), "clients": clients, "counters": dict(self.counters),
                 "uptime_s": round(now - self.started_at, 1),
@@ -4367,6 +4974,7 @@ CLIENT_DEFAULTS = {
     "max_sessions": 1024,
     "log_target": "stderr",
     "redundancy": 1,
+    "aggregate": False,
 }
 
 SERVER_DEFAULTS = {
@@ -4541,6 +5149,7 @@ class ClientConfig(CommonConfig):
 
     links = []  # type: List[LinkConfig]
     redundancy = 1  # type: Any  # 1..MAX_REDUNDANCY or "auto"
+    aggregate = False  # spread data over every steady link (Spreader), both ways
     heartbeat_interval_s = 1.0
     loss_weight = 5.0
     rtt_weight = 1.0
@@ -4615,6 +5224,10 @@ def _read_client(section: _Section, top_debug: bool) -> ClientConfig:
     if len(cfg.links) > 255:
         section.error("links", "at most 255 links")
     cfg.redundancy = _read_redundancy(section)
+    cfg.aggregate = section.get("aggregate", "bool", d["aggregate"])
+    if cfg.aggregate and cfg.redundancy != 1:
+        section.error("aggregate", "true cannot go with redundancy %s: aggregate spreads the packets over the "
+                      "links, redundancy copies each on several; set one of them" % json.dumps(cfg.redundancy))
     cfg.heartbeat_interval_s = section.number("heartbeat_interval_sec", d["heartbeat_interval_sec"], 0.05)
     cfg.loss_weight = section.number("loss_weight", d["loss_weight"], 0)
     cfg.rtt_weight = section.number("rtt_weight", d["rtt_weight"], 0)

@@ -537,6 +537,10 @@ class Relays(object):
                       server_public_key=keys["server_public"])
         if path == AGG:
             client["aggregate"] = True
+            client["debug"] = bool(os.environ.get("MPUDP_BENCH_DEBUG"))
+        # The status files, for a run kept with --keep (shares, estimates, reorder counts).
+        client["score_file"] = os.path.join(b.dir, "%s-client-status.json" % path)
+        server["status_file"] = os.path.join(b.dir, "%s-server-status.json" % path)
         return self.spawn(path, b.python, [b.mpudp], {"mode": "server", "server": server},
                           {"mode": "client", "client": client})
 

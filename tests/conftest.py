@@ -698,7 +698,7 @@ class ServerBench(InProcess):
             epoch.tx_seq += 1
             seq = epoch.tx_seq
         packet = mpudp.seal(mac or epoch.tx_mac, type_flags, link, 0, 7, epoch.nonce_base | seq,
-                            payload or mpudp.HEARTBEAT_PAYLOAD.pack(seq, 0, 0, 0))
+                            payload or mpudp.HEARTBEAT_PAYLOAD.pack(seq, 0, 0, 0, 0, 0, 0))
         self.links[link].sendto(packet, self.server_addr)
         return seq
 

@@ -243,15 +243,15 @@ def test_an_echo_counts_only_for_the_link_it_names():
     up.  The echo names its link under the MAC: on another link's socket it is dropped."""
     rng, reactor, data, control, links, wire, server_epoch = make_path(2)
     echoes = []
-    control.on_echo = lambda link, seq, bitmap, server_rx, server_tx, largest: echoes.append((link.index, seq))
+    control.on_echo = lambda link, seq, bitmap, server_rx, server_tx, largest, up_queue: echoes.append((link.index, seq))
     echo = mpudp.seal(server_epoch.tx_mac, mpudp.TYPE_ECHO, 1, 0, 0, server_epoch.next_nonce(),
-                      mpudp.ECHO_PAYLOAD.pack(7, 1, 0, 0, 0))
+                      mpudp.ECHO_PAYLOAD.pack(7, 1, 0, 0, 0, 0))
     links[0].sock = FakeReceiveSocket([echo])
     data.on_link_readable(links[0])
     reactor.run_soon()
     assert echoes == [] and data.counters["wrong_link"] == 1
     links[1].sock = FakeReceiveSocket([mpudp.seal(server_epoch.tx_mac, mpudp.TYPE_ECHO, 1, 0, 0,
-                                                  server_epoch.next_nonce(), mpudp.ECHO_PAYLOAD.pack(8, 1, 0, 0, 0))])
+                                                  server_epoch.next_nonce(), mpudp.ECHO_PAYLOAD.pack(8, 1, 0, 0, 0, 0))])
     data.on_link_readable(links[1])
     assert echoes == [], "control must not run inside the drain"
     reactor.run_soon()

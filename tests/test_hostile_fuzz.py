@@ -95,12 +95,12 @@ def build_templates(r, rng):
         payload = random_bytes(rng, rng.randrange(1, 300))
         c2s.append(mpudp.seal(s_epoch.rx_mac, DATA | mpudp.FLAG_ACTIVE, 0, 0, 1 + i, nonce(), payload))
         c2s.append(mpudp.seal(s_epoch.rx_mac, HEARTBEAT | mpudp.FLAG_ACTIVE, 0, 0, 0, nonce(),
-                              mpudp.HEARTBEAT_PAYLOAD.pack(i + 1, 0, 0, 0)))
+                              mpudp.HEARTBEAT_PAYLOAD.pack(i + 1, 0, 0, 0, 0, 0, 0)))
         client_nonce = os.urandom(16)
         c2s.append(mpudp.seal(static.hello_mac, HELLO, 0, 0, 0, mpudp.handshake_nonce(mpudp.epoch_tag(client_nonce)),
                               mpudp.HELLO_PAYLOAD.pack(client_nonce, bytes(16))))
         s2c.append(mpudp.seal(s_epoch.tx_mac, DATA, 0, 0, 1 + i, nonce(), payload))
-        s2c.append(mpudp.seal(s_epoch.tx_mac, ECHO, 0, 0, 0, nonce(), mpudp.ECHO_PAYLOAD.pack(i + 1, 1, 0, 0, 0)))
+        s2c.append(mpudp.seal(s_epoch.tx_mac, ECHO, 0, 0, 0, nonce(), mpudp.ECHO_PAYLOAD.pack(i + 1, 1, 0, 0, 0, 0)))
         s2c.append(mpudp.seal(static.welcome_mac, WELCOME, 0, 0, 0, 0,
                               mpudp.WELCOME_PAYLOAD.pack(os.urandom(16), os.urandom(16))))
     return c2s, s2c
@@ -188,7 +188,7 @@ def test_fuzz_authenticated_nonsense_in_process(rig):
                 # A well-formed heartbeat; its seq stays near the link's last one (a huge gap is
                 # test_authenticated_heartbeat_with_a_huge_seq_gap_is_cheap's business).
                 last = r.peer.links[link].hb_last if link in r.peer.links else 1000
-                payload = mpudp.HEARTBEAT_PAYLOAD.pack(max(1, last + rng.randint(-40, 40)), rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(32))
+                payload = mpudp.HEARTBEAT_PAYLOAD.pack(max(1, last + rng.randint(-40, 40)), rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(16), rng.getrandbits(16), rng.getrandbits(32))
             else:
                 if packet_kind == HEARTBEAT and payload_len == mpudp.HEARTBEAT_PAYLOAD.size:
                     payload_len += 1
@@ -204,7 +204,7 @@ def test_fuzz_authenticated_nonsense_in_process(rig):
             while session in sessions:
                 session = rng.getrandbits(32)
             if packet_kind == ECHO and rng.random() < 0.5:
-                payload = mpudp.ECHO_PAYLOAD.pack(rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(16))
+                payload = mpudp.ECHO_PAYLOAD.pack(rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(16), rng.getrandbits(16))
             else:
                 payload = random_bytes(rng, payload_len)
             packet = mpudp.seal(s2c_epoch.tx_mac, packet_kind, 0, 0, session, s2c_epoch.next_nonce(), payload)
@@ -315,7 +315,7 @@ def test_authenticated_heartbeat_with_a_huge_seq_gap_is_cheap(rig):
     last = r.peer.links[0].hb_last
     sock = udp_socket(blocking=False)
     packet = mpudp.seal(epoch.rx_mac, HEARTBEAT, 0, 0, 0, epoch.nonce_base | (epoch.window.top + 100),
-                        mpudp.HEARTBEAT_PAYLOAD.pack(last + (1 << 26), 0, 0, 0))  # 2**31 - 1 is allowed too
+                        mpudp.HEARTBEAT_PAYLOAD.pack(last + (1 << 26), 0, 0, 0, 0, 0, 0))  # 2**31 - 1 is allowed too
     sock.sendto(packet, r.server_addr)
     echoes = []
     tracemalloc.start()

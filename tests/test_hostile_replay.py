@@ -229,7 +229,7 @@ def test_forged_client_id_gets_nothing_through(tapped_pair, tmp_path):
             nonce = (tag << mpudp.SEQ_BITS) | (10 ** 6 + i)
             forged.append(mpudp.seal(epoch.tx_mac, DATA | mpudp.FLAG_ACTIVE, 0, 0, 7, nonce, b"forged-%d" % i))
             forged.append(mpudp.seal(epoch.tx_mac, HEARTBEAT | mpudp.FLAG_ACTIVE, 0, 0, 0, nonce,
-                                     mpudp.HEARTBEAT_PAYLOAD.pack(i + 1, 0, 0, 0)))
+                                     mpudp.HEARTBEAT_PAYLOAD.pack(i + 1, 0, 0, 0, 0, 0, 0)))
     sock.setblocking(False)
     assert drain(sock) == []
     for packet in forged:

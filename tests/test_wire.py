@@ -58,9 +58,9 @@ def test_type_numbers_as_protocol_md():
 
 
 def test_control_packet_sizes_as_protocol_md():
-    # No answer is larger than its trigger: ECHO = HEARTBEAT = 52, WELCOME = HELLO = 64,
+    # No answer is larger than its trigger: ECHO = HEARTBEAT = 56, WELCOME = HELLO = 64,
     # PROBE_ACK = PROBE (the same size, padded; the smallest probe is 36 bytes).
-    assert mpudp.OVERHEAD + mpudp.HEARTBEAT_PAYLOAD.size == mpudp.OVERHEAD + mpudp.ECHO_PAYLOAD.size == 52
+    assert mpudp.OVERHEAD + mpudp.HEARTBEAT_PAYLOAD.size == mpudp.OVERHEAD + mpudp.ECHO_PAYLOAD.size == 56
     assert mpudp.OVERHEAD + mpudp.PROBE_PAYLOAD.size == 36
     assert mpudp.OVERHEAD + mpudp.HELLO_PAYLOAD.size == mpudp.OVERHEAD + mpudp.WELCOME_PAYLOAD.size == 64
     assert mpudp.MAX_DATA_PAYLOAD == 65507 - 32 == 65475

@@ -1,0 +1,384 @@
+"""Aggregation's parts on their own, on a fake clock: the rate estimate (LinkRate), the
+scheduler (Spreader) and the reorder buffer (ReorderBuffer); the config rule."""
+
+import random
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from conftest import wait_json
+from helpers import WAIT_S, addr_text, drain, paced
+
+import mpudp
+
+
+# -- LinkRate and rebalance -------------------------------------------------------------------
+
+
+def saturate(capacities, intervals, ways=None, delays=None, offered=None):
+    """Drive rebalance() against links of these capacities (bytes/s) fed `offered` bytes/s in
+    all (default: their sum, a flow that fills them), split by the shares: a link given more
+    than it carries queues (the more, the longer, up to a full 50 ms buffer) and delivers
+    its capacity.  The shares after each interval."""
+    ways = ways or [mpudp.LinkRate() for _ in capacities]
+    delays = delays or [0.001] * len(capacities)
+    history = []
+    for _ in range(intervals):
+        total = offered if offered is not None else sum(capacities)
+        shares = [way.share / sum(w.share for w in ways) for way in ways]
+        for way, share, capacity in zip(ways, shares, capacities):
+            sent = share * total
+            queue = min(0.05, max(0.0, 0.25 * (sent / capacity - 1)))  # a 20% overload fills it
+            way.on_interval(int(sent * 0.5), int(min(sent, capacity) * 0.5), 0.0, queue, 0.5)
+        mpudp.rebalance(ways, delays)
+        history.append([round(way.share, 3) for way in ways])
+    return ways, history
+
+
+@pytest.mark.parametrize("capacities, expected", [((2.5e6, 2.5e6), 0.5), ((6.25e6, 2.5e6), 5 / 7),
+                                                  ((1e6, 4e6), 0.2)])
+def test_shares_settle_near_the_links_capacities(capacities, expected):
+    ways, history = saturate(capacities, 40)
+    settled = [h[0] for h in history[20:]]
+    assert all(abs(share - expected) <= 0.12 for share in settled), (expected, settled)
+
+
+def test_shares_follow_a_capacity_that_drops_within_seconds():
+    ways, _ = saturate((2.5e6, 2.5e6), 20)
+    _, history = saturate((0.8e6, 2.5e6), 12, ways)  # link 0's LTE cell gets crowded
+    assert history[-1][0] <= 0.24 + 0.12, history  # 0.8 / 3.3 = 0.24; within 6 s at 0.5 s heartbeats
+
+
+def test_a_slower_link_gives_its_share_to_the_faster_while_neither_is_full():
+    ways, history = saturate((2.5e6, 2.5e6), 30, delays=[0.001, 0.016], offered=1e6)
+    assert history[-1][1] <= 0.05, history[-1]  # 30 ms more RTT and room on the fast link: hardly used
+    assert history[-1][1] >= mpudp.AGG_MIN_SHARE / 2  # but still measured
+    # When the fast link cannot carry it all, the slow one takes what it cannot.
+    _, history = saturate((2.5e6, 2.5e6), 30, ways, delays=[0.001, 0.016], offered=4e6)
+    assert 0.2 <= history[-1][1] <= 0.55, history[-1]
+
+
+def test_nothing_moves_while_the_links_carry_nothing_or_queue_alike():
+    ways = [mpudp.LinkRate(), mpudp.LinkRate()]
+    ways[0].share = 0.7
+    ways[1].share = 0.3
+    ways[0].on_interval(100, 100, 0.0, 0.2, 0.5)  # a queue on an idle link: another's traffic, or noise
+    mpudp.rebalance(ways, [0.001, 0.001])
+    assert [round(w.share, 3) for w in ways] == [0.7, 0.3]
+    for way in ways:
+        way.on_interval(10 ** 6, 10 ** 6, 0.0, 0.03, 0.5)  # both full alike
+    mpudp.rebalance(ways, [0.001, 0.001])
+    assert [round(w.share, 3) for w in ways] == [0.7, 0.3]
+    # The Spreader's rates: the shares of what the carriers delivered, with headroom.
+    assert sum(w.rate for w in ways) == pytest.approx(mpudp.AGG_HEADROOM * 4 * 10 ** 6)
+    assert ways[0].rate == pytest.approx(0.7 * sum(w.rate for w in ways))
+
+
+def test_a_link_that_loses_data_gives_up_share_even_without_a_queue():
+    ways = [mpudp.LinkRate(), mpudp.LinkRate()]
+    ways[0].on_interval(10 ** 6, 9 * 10 ** 5, 0.1, 0.0, 0.5)
+    ways[1].on_interval(10 ** 6, 10 ** 6, 0.0, 0.0, 0.5)
+    mpudp.rebalance(ways, [0.001, 0.001])
+    assert ways[0].share < 0.5 < ways[1].share
+
+
+@pytest.mark.parametrize("client_offset_ms", [0, 123456789, (1 << 32) - 3, (1 << 31) + 1])
+def test_the_server_tells_a_queue_towards_it_from_the_heartbeats_one_way_times(client_offset_ms):
+    """The clocks differ by anything (the client's wraps at 2^32 ms): only the rise of the
+    one-way time over its least counts."""
+    state = mpudp.PeerLink()
+    reports = []
+    for i, one_way in enumerate([0.005, 0.006, 0.005, 0.045, 0.025, 0.005]):
+        sent = 100.0 + i * 0.5  # the client's clock, in s
+        client_ms = (int(sent * 1000) + client_offset_ms) & mpudp.COUNT_MASK
+        reports.append(state.up_queue_ms(client_ms, 5000.0 + sent + one_way))
+    assert reports == [0, 1, 0, 40, 20, 0]
+
+
+# -- Spreader ------------------------------------------------------------------------------
+
+
+def spread(links, count, size=1200, pps=1000.0, start=0.0):
+    spreader = mpudp.Spreader()
+    picks = []
+    for i in range(count):
+        picks.append(spreader.pick(links, size, start + i / pps))
+    return picks
+
+
+def test_equal_links_share_equally():
+    links = [(0, 2.5e6, 0.005), (1, 2.5e6, 0.005)]
+    picks = spread(links, 4000, pps=4000.0)  # 4.8 MB/s offered, 5 MB/s of links
+    assert abs(picks.count(0) - picks.count(1)) <= 40
+
+
+def test_unequal_links_share_by_their_rates():
+    links = [(0, 5e6, 0.005), (1, 2e6, 0.005)]
+    picks = spread(links, 7000, pps=5800.0)  # about what both carry together
+    share = picks.count(0) / len(picks)
+    assert 0.66 <= share <= 0.76, share  # 5:2 is 0.71
+
+
+def test_a_slower_link_takes_only_what_the_faster_cannot_deliver_sooner():
+    links = [(0, 2.5e6, 0.002), (1, 2.5e6, 0.017)]  # 30 ms more round trip on link 1
+    light = spread(links, 1000, pps=500.0)  # 0.6 MB/s: link 0 alone delivers each sooner
+    assert light.count(1) == 0
+    heavy = spread(links, 6000, pps=4000.0)  # 4.8 MB/s: link 0's backlog passes 15 ms
+    assert 0.3 <= heavy.count(1) / len(heavy) <= 0.5
+
+
+def test_an_overload_stays_split_by_rate_through_rate_changes():
+    """More than the rates say the links carry (an unresponsive UDP stream at 1.8 times a
+    link): every half second both links get their share, even when a rate changes, and
+    after it ends the queues are not stale."""
+    spreader = mpudp.Spreader()
+    rates = [2.5e6, 2.5e6]
+    now, windows = 0.0, []
+    for window in range(20):
+        if window == 10:
+            rates = [1.8e6, 2.5e6]  # a share moved, as rebalance() does
+        picks = []
+        for _ in range(1875):  # 4.5 MB/s of 1200-byte datagrams for 0.5 s
+            picks.append(spreader.pick([(0, rates[0], 0.001), (1, rates[1], 0.001)], 1200, now))
+            now += 0.5 / 1875
+        windows.append(picks.count(0) / len(picks))
+    expected = [0.5] * 10 + [1.8 / 4.3] * 10
+    assert all(abs(share - want) <= 0.06 for share, want in zip(windows, expected)), windows
+    # Idle for a second: both queues are empty again, ties go to the first link.
+    assert spreader.pick([(0, 2.5e6, 0.001), (1, 2.5e6, 0.001)], 1200, now + 1.0 + mpudp.SPREAD_AHEAD_S) == 0
+
+
+# -- ReorderBuffer -------------------------------------------------------------------------
+
+
+def feed(buffer, arrivals):
+    """arrivals: (seq, link, time); the items in the order they were released."""
+    buffer.carriers = tuple(sorted(set(link for _seq, link, _at in arrivals)))
+    out = []
+    for seq, link, now in arrivals:
+        buffer.arrive(seq, link, ("s", seq), now, out)
+    return [item[1] for item in out]
+
+
+def test_packets_in_order_pass_straight_through():
+    buffer = mpudp.ReorderBuffer(1)
+    assert feed(buffer, [(s, s % 2, s * 0.001) for s in range(1, 50)]) == list(range(1, 50))
+    assert not buffer.held
+
+
+def test_early_packets_wait_for_the_slower_link_and_come_out_in_order():
+    buffer = mpudp.ReorderBuffer(1)
+    # Odd numbers on a link 15 ms slower: each even one is early.
+    arrivals = sorted([(s, s % 2, s * 0.001 + (0.015 if s % 2 else 0.0)) for s in range(1, 200)],
+                      key=lambda a: a[2])
+    assert feed(buffer, arrivals) == list(range(1, 200))
+    assert buffer.skipped == 0 and buffer.released_late == 0
+
+
+def test_a_lost_packet_is_not_waited_for_once_every_link_is_past_it():
+    buffer = mpudp.ReorderBuffer(1)
+    buffer.hold_s = 10.0  # the timer plays no part here
+    arrivals = [(1, 0, 0.0), (3, 0, 0.001), (4, 1, 0.002), (5, 0, 0.003)]  # 2 lost on link 1
+    assert feed(buffer, arrivals) == [1, 3, 4, 5]
+    assert buffer.skipped == 1
+
+
+def test_with_one_link_idle_a_lost_packet_is_given_up_after_the_hold():
+    buffer = mpudp.ReorderBuffer(1)
+    buffer.hold_s = 0.02
+    buffer.carriers = (0, 1)
+    out = []
+    buffer.arrive(1, 0, ("s", 1), 0.0, out)
+    buffer.arrive(2, 1, ("s", 2), 0.001, out)  # link 1 carried 2, and nothing after
+    buffer.arrive(4, 0, ("s", 4), 0.002, out)  # 3 went on link 1 and was lost
+    assert [item[1] for item in out] == [1, 2]
+    assert buffer.deadline() == pytest.approx(0.022)
+    buffer.expire(0.01, out)
+    assert len(out) == 2
+    buffer.expire(0.023, out)
+    assert [item[1] for item in out] == [1, 2, 4]
+    buffer.arrive(3, 1, ("s", 3), 0.03, out)  # it was only late: delivered at once
+    assert [item[1] for item in out] == [1, 2, 4, 3] and buffer.released_late == 1
+
+
+def test_control_packets_take_their_place_and_are_not_delivered():
+    buffer = mpudp.ReorderBuffer(1)
+    buffer.carriers = (0,)
+    out = []
+    buffer.arrive(1, 0, ("s", 1), 0.0, out)
+    buffer.arrive(3, 0, ("s", 3), 0.001, out)
+    # 2 was a heartbeat on link 1, which carries no data: 3 did not wait for it, and
+    # when it comes it delivers nothing.
+    assert [item[1] for item in out] == [1, 3] and not buffer.held and buffer.skipped == 1
+    buffer.arrive(2, 1, None, 0.002, out)
+    buffer.arrive(5, 1, None, 0.003, out)  # a heartbeat on link 1 again, in order this time
+    buffer.arrive(4, 0, ("s", 4), 0.004, out)
+    buffer.arrive(6, 0, ("s", 6), 0.005, out)
+    assert [item[1] for item in out] == [1, 3, 4, 6] and buffer.released_late == 0
+
+
+def test_seeded_interleavings_deliver_everything_once_and_in_order_when_nothing_is_lost():
+    rng = random.Random(17)
+    for _ in range(200):
+        delays = [rng.uniform(0, 0.03) for _ in range(3)]
+        arrivals = []
+        for seq in range(1, 300):
+            link = rng.randrange(3)
+            arrivals.append((seq, link, seq * 0.0005 + delays[link] + rng.uniform(0, 0.0004)))
+        # Each link is FIFO: a packet never passes an earlier one on its own link.
+        last = {}
+        fifo = []
+        for seq, link, at in arrivals:
+            at = max(at, last.get(link, 0.0))
+            last[link] = at
+            fifo.append((seq, link, at))
+        buffer = mpudp.ReorderBuffer(1)
+        buffer.hold_s = 0.05
+        fifo.sort(key=lambda a: a[2])
+        assert feed(buffer, fifo) == list(range(1, 300))
+
+
+# -- config --------------------------------------------------------------------------------
+
+
+def client_section(**extra):
+    server, client = mpudp.generate_private_key(), mpudp.generate_private_key()
+    section = {"listen_addr": "127.0.0.1:0", "links": [{"remote_addr": "192.0.2.1:5000"}] * 2,
+               "client_private_key": mpudp.encode_key(client),
+               "server_public_key": mpudp.encode_key(mpudp.public_key(server))}
+    section.update(extra)
+    return {"mode": "client", "client": section}
+
+
+def test_aggregate_is_off_by_default_and_a_boolean():
+    assert mpudp.parse_config(client_section()).section.aggregate is False
+    assert mpudp.parse_config(client_section(aggregate=True)).section.aggregate is True
+    with pytest.raises(mpudp.ConfigError, match=r"client.aggregate: must be true or false, not a string"):
+        mpudp.parse_config(client_section(aggregate="yes"))
+
+
+@pytest.mark.parametrize("redundancy", [2, "auto"])
+def test_aggregate_with_redundancy_is_one_line_naming_both(redundancy):
+    with pytest.raises(mpudp.ConfigError) as caught:
+        mpudp.parse_config(client_section(aggregate=True, redundancy=redundancy))
+    assert str(caught.value).count("\n") == 0
+    assert "client.aggregate: true cannot go with redundancy" in str(caught.value)
+
+
+# -- in process: a client and a server on real sockets -----------------------------------------
+
+
+def test_aggregate_spreads_both_ways_and_delivers_in_order_in_process(in_process, monkeypatch):
+    """Two links, one 10 ms slower each way (a link emulator): bursts of numbered datagrams
+    go over both links both ways, and the upstream and the application each get every
+    one, in order.  The hold is made long (nothing is lost on loopback), so that a loaded
+    machine delaying the emulator's thread cannot make a packet late: the hold's length
+    is the unit tests' business."""
+    monkeypatch.setattr(mpudp, "REORDER_HOLD_FLOOR_S", WAIT_S / 3)
+    monkeypatch.setattr(mpudp, "REORDER_HOLD_CAP_S", WAIT_S / 3)
+    harness = in_process()
+    server = harness.add_server()
+    fast = harness.add_emulator(harness.address_of(server))
+    slow = harness.add_emulator(harness.address_of(server))
+    slow.set(delay_s=0.01)
+    client = harness.add_client([addr_text(*fast.address), addr_text(*slow.address)],
+                                heartbeat_interval_sec=0.1, aggregate=True)
+    assert harness.run_until(lambda: client.epoch is not None and all(link.health.steady for link in client.links)
+                             and len(client.data.route.carriers) == 2, WAIT_S), harness.log_text()[-2000:]
+    assert client.data.route.spread
+    # The server learns from the heartbeats that the client aggregates.
+    assert harness.run_until(lambda: harness.peer.spreader is not None and len(harness.peer.return_path.links) == 2,
+                             WAIT_S), harness.log_text()[-2000:]
+    sent, echoed = 0, []
+    deadline = time.monotonic() + WAIT_S
+    while len(echoed) < 2000 and time.monotonic() < deadline:
+        while sent < 2000 and sent - len(echoed) < 64:  # 64 in flight: the links' estimates fill
+            harness.app.sendto(struct.pack("!I", sent) + b"x" * 1000, harness.client_addr)
+            sent += 1
+        harness.pump(0.005)
+        echoed.extend(struct.unpack_from("!I", data)[0] for data, _ in drain(harness.app))
+    upstream = [struct.unpack_from("!I", data)[0] for data in harness.upstream_payloads()]
+    assert upstream == list(range(2000)), "the upstream got them out of order or not all"
+    assert echoed == list(range(2000)), "the application got them out of order or not all"
+    assert all(link.data_sent > 100 for link in client.links), [link.data_sent for link in client.links]
+    assert all(harness.peer.link(i).data_sent > 100 for i in (0, 1)), harness.log_text()[-2000:]
+    assert "client 0 aggregates" in harness.log_text()
+
+
+# -- real processes ---------------------------------------------------------------------------
+
+
+class Numbered:
+    """A paced stream of numbered datagrams through the relay; the echoes, in arrival order."""
+
+    def __init__(self, pair, rate_pps, size=600):
+        self.sock = pair.app_socket()
+        self.sock.settimeout(0.05)
+        self.pair, self.rate_pps, self.size = pair, rate_pps, size
+        self.sent, self.echoes, self.arrivals = 0, [], []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._send, daemon=True),
+                        threading.Thread(target=self._receive, daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def _send(self):
+        padding = b"a" * (self.size - 4)
+        for _ in paced(1.0 / self.rate_pps, self.stop):
+            self.sock.sendto(struct.pack("!I", self.sent) + padding, self.pair.client_address)
+            self.sent += 1
+
+    def _receive(self):
+        while not self.stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.echoes.append(struct.unpack_from("!I", data)[0])
+            self.arrivals.append(time.monotonic())
+
+    def close(self):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(2)
+        self.sock.close()
+
+
+@pytest.mark.slow
+def test_aggregate_spreads_a_stream_both_ways_in_order_and_survives_a_dead_link(relay_pair, tmp_path):
+    score = str(tmp_path / "score.json")
+    pair = relay_pair(links=2, client={"heartbeat_interval_sec": 0.2, "aggregate": True, "score_file": score})
+    wait_json(score, lambda d: d["carriers"] == [0, 1], "both links carrying")
+    before = [link["tx_bytes"] for link in wait_json(score, lambda d: True, "the status")["links"]]
+    stream = Numbered(pair, 400)
+    try:
+        time.sleep(3.0)  # three seconds of stream on both links (pacing)
+        status = wait_json(score, lambda d: True, "the status")
+        spread_up = [link["tx_bytes"] - was for link, was in zip(status["links"], before)]
+        assert min(spread_up) > 0.1 * sum(spread_up), spread_up  # both links carry the stream up
+        assert all(link["share_down"] > 0.1 for link in status["links"]), status["links"]
+        # In order: the issue's figure is 99% (a loaded machine may delay one link's
+        # emulator thread past the hold; nothing else may reorder).
+        echoes, highest, behind = list(stream.echoes), -1, 0
+        for seq in echoes:
+            behind += seq < highest
+            highest = max(highest, seq)
+        assert behind <= 0.01 * len(echoes), "%d of %d echoes out of order" % (behind, len(echoes))
+        # A link dies: the stream goes on over the other within 2 s, nothing twice.
+        pair.links[0].set(blackhole=True)
+        died_at = time.monotonic()
+        sent_then = stream.sent
+        deadline = died_at + WAIT_S
+        while time.monotonic() < deadline and not any(seq > sent_then + 40 for seq in stream.echoes[-5:]):
+            time.sleep(0.05)  # polling the receiving thread's list
+        resumed = [at for at, seq in zip(stream.arrivals, stream.echoes) if seq > sent_then + 40]
+        assert resumed and resumed[0] - died_at < 2.0, "no echo of a datagram sent after the link died"
+        assert len(stream.echoes) == len(set(stream.echoes)), "a datagram was delivered twice"
+        print("aggregate: the stream came back %.2f s after link 0 died" % (resumed[0] - died_at))
+    finally:
+        stream.close()
