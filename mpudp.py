@@ -1072,9 +1072,6 @@ class Spreader:
                 free_at[link] -= ahead - SPREAD_AHEAD_S
         return best
 
-    def forget(self, link: Any) -> None:
-        self._free_at.pop(link, None)
-
 
 class ReorderBuffer:
     """Puts back in order what several links delivered out of it (aggregation).
@@ -4467,6 +4464,7 @@ class ServerDataPath:
         buf, view = self._buf, self._view
         payload_room = view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
         choices = peer.spread_links()
+        states = {link: peer.link(link) for (link, _addr), _rate, _delay in choices}  # looked up once a drain
         now = self.reactor.time()
         largest = 0
         while True:
@@ -4494,7 +4492,7 @@ class ServerDataPath:
             else:
                 peer.tx_bytes += length
                 peer.tx_packets += 1
-                peer.link(link).data_sent += 1
+                states[link].data_sent += 1
         peer.largest_reply.note(largest)
 
     def _drain_without_path(self, session: ServerSession) -> None:

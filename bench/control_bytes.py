@@ -3,10 +3,11 @@
 
     python3 bench/control_bytes.py [--seconds 60] [--interval 0.5]
 
-A Server and a Client (two links to it, straight over loopback, no data) run on one
-Reactor for `--seconds`; the client's per-link counts of bytes sent and received
-(every authenticated packet, so heartbeats, echoes, probes and their answers, and
-the handshake) are divided by the time, and what it sent is split by packet type.  On loopback the path-MTU search ends at
+A Server and a Client (two links to it, straight over loopback, no data: the pair of
+profile_hot_path.build) run on one Reactor for `--seconds`; the client's per-link
+counts of bytes sent and received (every authenticated packet, so heartbeats,
+echoes, probes and their answers, and the handshake) are divided by the time, and
+what it sent is split by packet type.  On loopback the path-MTU search ends at
 its first probe (the interface's MTU, 65535, passes), as it does on any path that
 carries its interface's MTU; a 1500-byte path costs one 1500-byte probe and its
 answer, and again every PMTU_RAISE_S (600 s).  IP and UDP headers (28 bytes over
@@ -14,15 +15,14 @@ IPv4) are added per packet for the "on the wire" figure.
 """
 
 import argparse
-import io
 import os
-import socket
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import mpudp  # noqa: E402
+from profile_hot_path import build  # noqa: E402  (the same in-process pair, with an echo upstream)
 
 
 def main():
@@ -30,22 +30,6 @@ def main():
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--interval", type=float, default=0.5)
     args = parser.parse_args()
-    log = mpudp.Log(stream=io.StringIO())
-    reactor = mpudp.Reactor(log=log)
-    resolver = mpudp.Resolver(reactor)
-    upstream = mpudp.open_udp_socket(socket.AF_INET, ("127.0.0.1", 0))
-    server_key, client_key = mpudp.generate_private_key(), mpudp.generate_private_key()
-    server = mpudp.Server(mpudp.parse_config({"mode": "server", "server": {
-        "listen_addr": "127.0.0.1:0", "upstream_addr": "127.0.0.1:%d" % upstream.getsockname()[1],
-        "server_private_key": mpudp.encode_key(server_key),
-        "client_public_keys": [mpudp.encode_key(mpudp.public_key(client_key))]}}).section, reactor, log, resolver)
-    server.start()
-    remote = "127.0.0.1:%d" % server.listen_sock.getsockname()[1]
-    client = mpudp.Client(mpudp.parse_config({"mode": "client", "client": {
-        "listen_addr": "127.0.0.1:0", "links": [{"remote_addr": remote}, {"remote_addr": remote}],
-        "heartbeat_interval_sec": args.interval,
-        "client_private_key": mpudp.encode_key(client_key),
-        "server_public_key": mpudp.encode_key(mpudp.public_key(server_key))}}).section, reactor, log, resolver)
     sent_by_kind = {}  # (link, packet type) -> [packets, bytes]: the control packets the client sends
     send = mpudp.ClientLink.send
 
@@ -56,10 +40,11 @@ def main():
         return send(link, packet, counters, unfragmented)
 
     mpudp.ClientLink.send = counting_send
-    client.start()
-    end = time.monotonic() + args.seconds
-    while time.monotonic() < end:
+    started = time.monotonic()
+    reactor, client = build(links=2, heartbeat_interval_sec=args.interval)
+    while time.monotonic() < started + args.seconds:
         reactor.run_once(0.05)
+    args.seconds = time.monotonic() - started
     print("heartbeat_interval_sec %.2f, %.0f s, Python %s" % (args.interval, args.seconds, sys.version.split()[0]))
     for link in client.links:
         sent_wire = link.tx_bytes + 28 * link.tx_packets
@@ -75,7 +60,6 @@ def main():
             print("  %s: %d sent, %d bytes, %.1f B/s (%.1f B/s with IPv4/UDP headers)" % (
                 name, packets, size, size / args.seconds, (size + 28 * packets) / args.seconds))
     client.close()
-    server.close()
     reactor.close()
 
 

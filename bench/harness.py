@@ -178,6 +178,17 @@ def free_udp_port():
         return s.getsockname()[1]
 
 
+def relay_keys():
+    """A fresh server and client key pair, base64 as the configs take them."""
+    sys.path.insert(0, ROOT)
+    import mpudp  # the keys only: the relays run in their own processes
+    server_key, client_key = mpudp.generate_private_key(), mpudp.generate_private_key()
+    return {"server_private": mpudp.encode_key(server_key),
+            "server_public": mpudp.encode_key(mpudp.public_key(server_key)),
+            "client_private": mpudp.encode_key(client_key),
+            "client_public": mpudp.encode_key(mpudp.public_key(client_key))}
+
+
 def write_config(directory, name, data):
     path = os.path.join(directory, name)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -252,13 +263,8 @@ class Bench(object):
         self.go = go
         self.kids = Kids()
         self.phase = 0
-        sys.path.insert(0, ROOT)
-        import mpudp  # the keys only; the relay itself runs in its own processes
-        server_key, client_key = mpudp.generate_private_key(), mpudp.generate_private_key()
-        self.keys = {"server_private": mpudp.encode_key(server_key),
-                     "server_public": mpudp.encode_key(mpudp.public_key(server_key)),
-                     "client_private": mpudp.encode_key(client_key),
-                     "client_public": mpudp.encode_key(mpudp.public_key(client_key))}
+        self.keys = relay_keys()
+        import mpudp  # its version only; the relay itself runs in its own processes
         self.mpudp_version = getattr(mpudp, "__version__", "?")
         # As packaging/install.sh does: mpudp.py re-executes itself as `import mpudp`, which
         # loads this bytecode instead of compiling (and keeping the compiler's memory).

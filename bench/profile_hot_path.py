@@ -30,7 +30,9 @@ import mpudp  # noqa: E402
 WINDOW = 32
 
 
-def build():
+def build(links=1, **client_settings):
+    """A Server, a Client with `links` links to it (and `client_settings`) and an echo
+    upstream on one Reactor, returned once the handshake is done: (reactor, client)."""
     log = mpudp.Log(stream=open(os.devnull, "w"))
     reactor = mpudp.Reactor(log=log)
     resolver = mpudp.Resolver(reactor)
@@ -51,11 +53,13 @@ def build():
         "server_private_key": mpudp.encode_key(server_key),
         "client_public_keys": [mpudp.encode_key(mpudp.public_key(client_key))]}}).section, reactor, log, resolver)
     server.start()
-    client = mpudp.Client(mpudp.parse_config({"mode": "client", "client": {
+    client_section = dict(client_settings, **{
         "listen_addr": "127.0.0.1:0",
-        "links": [{"remote_addr": "127.0.0.1:%d" % server.listen_sock.getsockname()[1]}],
+        "links": [{"remote_addr": "127.0.0.1:%d" % server.listen_sock.getsockname()[1]}] * links,
         "client_private_key": mpudp.encode_key(client_key),
-        "server_public_key": mpudp.encode_key(mpudp.public_key(server_key))}}).section, reactor, log, resolver)
+        "server_public_key": mpudp.encode_key(mpudp.public_key(server_key))})
+    client = mpudp.Client(mpudp.parse_config({"mode": "client", "client": client_section}).section, reactor, log,
+                          resolver)
     client.start()
     deadline = time.monotonic() + 10
     while (client.epoch is None or server.peers[0].return_path.addr is None) and time.monotonic() < deadline:

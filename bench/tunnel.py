@@ -618,13 +618,7 @@ class TunnelBench(object):
         self.topology = None
         self.unsupported = {}
         self.notes = []
-        sys.path.insert(0, ROOT)
-        import mpudp  # the keys only; the relays run in their own processes
-        server_key, client_key = mpudp.generate_private_key(), mpudp.generate_private_key()
-        self.keys = {"server_private": mpudp.encode_key(server_key),
-                     "server_public": mpudp.encode_key(mpudp.public_key(server_key)),
-                     "client_private": mpudp.encode_key(client_key),
-                     "client_public": mpudp.encode_key(mpudp.public_key(client_key))}
+        self.keys = harness.relay_keys()
         subprocess.run([self.python, "-m", "compileall", "-q", self.mpudp], stdout=subprocess.DEVNULL, check=False)
 
     def close(self):
