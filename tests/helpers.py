@@ -96,6 +96,53 @@ def paced(interval, stop):
             next_at = time.monotonic()
 
 
+
+class Echoes:
+    """A paced stream of numbered datagrams through a relay pair (conftest.RelayPair) at
+    `rate_pps`, and the echoes that came back: `received` (their numbers) and `arrivals`
+    ((monotonic time, number), in the order they came)."""
+
+    def __init__(self, pair, size, rate_pps):
+        self.pair, self.size, self.rate_pps = pair, size, rate_pps
+        self.sock = pair.app_socket()
+        self.sock.settimeout(0.05)
+        self.sent, self.received = 0, set()
+        self.arrivals = []  # (monotonic time, seq)
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._send, daemon=True),
+                        threading.Thread(target=self._receive, daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def _send(self):
+        padding = b"p" * (self.size - 4)
+        for _ in paced(1.0 / self.rate_pps, self.stop):
+            self.sock.sendto(struct.pack("!I", self.sent) + padding, self.pair.client_address)
+            self.sent += 1
+
+    def _receive(self):
+        while not self.stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            seq = struct.unpack_from("!I", data)[0]
+            self.received.add(seq)
+            self.arrivals.append((time.monotonic(), seq))
+
+    def since(self, moment):
+        """How many echoes came at `moment` or later."""
+        return sum(1 for at, _seq in list(self.arrivals) if at >= moment)
+
+    def close(self):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(2)
+        self.sock.close()
+
+
 def reporter(tag):
     """A report(text) for one test file: a figure for the README, shown with `pytest -s`
     and in the log of a failing test."""

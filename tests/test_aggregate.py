@@ -1,16 +1,16 @@
 """Aggregation's parts on their own, on a fake clock: the rate estimate (LinkRate), the
 scheduler (Spreader) and the reorder buffer (ReorderBuffer); the config rule."""
 
+import io
 import random
-import socket
 import struct
-import threading
 import time
 
 import pytest
 
 from conftest import wait_json
-from helpers import WAIT_S, addr_text, drain, paced
+from helpers import WAIT_S, Echoes, addr_text, drain
+from test_control import bring_up, make_links, steering_config
 
 import mpudp
 
@@ -241,6 +241,31 @@ def test_seeded_interleavings_deliver_everything_once_and_in_order_when_nothing_
         assert feed(buffer, fifo) == list(range(1, 300))
 
 
+# -- Steering with aggregate ----------------------------------------------------------------
+
+
+def test_aggregate_carries_on_every_steady_link_and_a_link_back_only_once_steady():
+    links = make_links(3)
+    steering = mpudp.Steering(steering_config(aggregate=True), mpudp.Log(stream=io.StringIO()))
+    now = 1000.0
+    for link in links:
+        bring_up(link, now)
+    steering.first_choice(links, now)
+    route = steering.evaluate(links, now)
+    assert set(route.carriers) == set(links) and route.spread
+    assert route.data_flags & mpudp.COPIES_MASK == 2 << mpudp.COPIES_SHIFT  # the server learns three carry
+    links[2].health.force_down(now)  # a link dies: it leaves at once
+    assert set(steering.evaluate(links, now).carriers) == {links[0], links[1]}
+    links[2].health.on_sent(99, now + 1)
+    links[2].health.on_echo(99, 1, now + 1.01)  # it answers again, once: up, not steady
+    assert links[2].health.up and not links[2].health.steady
+    assert links[2] not in steering.evaluate(links, now + 1.01).carriers
+    for seq in range(100, 104):
+        links[2].health.on_sent(seq, now + seq - 98)
+        links[2].health.on_echo(seq, 1, now + seq - 98 + 0.01)
+    assert links[2].health.steady and links[2] in steering.evaluate(links, now + 6).carriers
+
+
 # -- config --------------------------------------------------------------------------------
 
 
@@ -311,51 +336,13 @@ def test_aggregate_spreads_both_ways_and_delivers_in_order_in_process(in_process
 # -- real processes ---------------------------------------------------------------------------
 
 
-class Numbered:
-    """A paced stream of numbered datagrams through the relay; the echoes, in arrival order."""
-
-    def __init__(self, pair, rate_pps, size=600):
-        self.sock = pair.app_socket()
-        self.sock.settimeout(0.05)
-        self.pair, self.rate_pps, self.size = pair, rate_pps, size
-        self.sent, self.echoes, self.arrivals = 0, [], []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._send, daemon=True),
-                        threading.Thread(target=self._receive, daemon=True)]
-        for thread in self.threads:
-            thread.start()
-
-    def _send(self):
-        padding = b"a" * (self.size - 4)
-        for _ in paced(1.0 / self.rate_pps, self.stop):
-            self.sock.sendto(struct.pack("!I", self.sent) + padding, self.pair.client_address)
-            self.sent += 1
-
-    def _receive(self):
-        while not self.stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.echoes.append(struct.unpack_from("!I", data)[0])
-            self.arrivals.append(time.monotonic())
-
-    def close(self):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(2)
-        self.sock.close()
-
-
 @pytest.mark.slow
 def test_aggregate_spreads_a_stream_both_ways_in_order_and_survives_a_dead_link(relay_pair, tmp_path):
     score = str(tmp_path / "score.json")
     pair = relay_pair(links=2, client={"heartbeat_interval_sec": 0.2, "aggregate": True, "score_file": score})
     wait_json(score, lambda d: sorted(d["carriers"]) == [0, 1], "both links carrying")
     before = [link["tx_bytes"] for link in wait_json(score, lambda d: True, "the status")["links"]]
-    stream = Numbered(pair, 400)
+    stream = Echoes(pair, 600, 400)
     try:
         time.sleep(3.0)  # three seconds of stream on both links (pacing)
         status = wait_json(score, lambda d: True, "the status")
@@ -364,7 +351,7 @@ def test_aggregate_spreads_a_stream_both_ways_in_order_and_survives_a_dead_link(
         assert all(link["share_down"] > 0.1 for link in status["links"]), status["links"]
         # In order: the issue's figure is 99% (a loaded machine may delay one link's
         # emulator thread past the hold; nothing else may reorder).
-        echoes, highest, behind = list(stream.echoes), -1, 0
+        echoes, highest, behind = [seq for _at, seq in list(stream.arrivals)], -1, 0
         for seq in echoes:
             behind += seq < highest
             highest = max(highest, seq)
@@ -374,11 +361,11 @@ def test_aggregate_spreads_a_stream_both_ways_in_order_and_survives_a_dead_link(
         died_at = time.monotonic()
         sent_then = stream.sent
         deadline = died_at + WAIT_S
-        while time.monotonic() < deadline and not any(seq > sent_then + 40 for seq in stream.echoes[-5:]):
+        while time.monotonic() < deadline and not any(seq > sent_then + 40 for _at, seq in stream.arrivals[-5:]):
             time.sleep(0.05)  # polling the receiving thread's list
-        resumed = [at for at, seq in zip(stream.arrivals, stream.echoes) if seq > sent_then + 40]
+        resumed = [at for at, seq in list(stream.arrivals) if seq > sent_then + 40]
         assert resumed and resumed[0] - died_at < 2.0, "no echo of a datagram sent after the link died"
-        assert len(stream.echoes) == len(set(stream.echoes)), "a datagram was delivered twice"
+        assert len(stream.arrivals) == len(stream.received), "a datagram was delivered twice"
         print("aggregate: the stream came back %.2f s after link 0 died" % (resumed[0] - died_at))
     finally:
         stream.close()

@@ -4,62 +4,16 @@ the link emulator (tests/linkemu.py), which can drop by packet type and by size,
 copy of every packet from another address, and rebind like a NAT.
 """
 
-import socket
-import struct
-import threading
 import time
 
 import pytest
 
 from conftest import active_index, wait_json
-from helpers import paced
+from helpers import Echoes
 
 import mpudp
 
 RATE_PPS = 100
-
-
-class Echoes:
-    """A paced stream of numbered datagrams through the relay, and the echoes that came back."""
-
-    def __init__(self, pair, size=64):
-        self.pair, self.size = pair, size
-        self.sock = pair.app_socket()
-        self.sock.settimeout(0.05)
-        self.sent, self.received = 0, set()
-        self.arrivals = []  # (monotonic time, seq)
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._send, daemon=True),
-                        threading.Thread(target=self._receive, daemon=True)]
-        for thread in self.threads:
-            thread.start()
-
-    def _send(self):
-        padding = b"p" * (self.size - 4)
-        for _ in paced(1.0 / RATE_PPS, self.stop):
-            self.sock.sendto(struct.pack("!I", self.sent) + padding, self.pair.client_address)
-            self.sent += 1
-
-    def _receive(self):
-        while not self.stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            seq = struct.unpack_from("!I", data)[0]
-            self.received.add(seq)
-            self.arrivals.append((time.monotonic(), seq))
-
-    def since(self, moment):
-        return sum(1 for at, _seq in list(self.arrivals) if at >= moment)
-
-    def close(self):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(2)
-        self.sock.close()
 
 
 def steady_pair(relay_pair, tmp_path, **client):
@@ -77,7 +31,7 @@ def steady_pair(relay_pair, tmp_path, **client):
 def test_a_link_that_answers_heartbeats_but_loses_data_fails_over(relay_pair, tmp_path, failure):
     pair, score, active = steady_pair(relay_pair, tmp_path)
     size = 1400 if "1300" in failure else 200
-    stream = Echoes(pair, size)
+    stream = Echoes(pair, size, RATE_PPS)
     try:
         assert pair.round_trip(pair.app_socket(), b"warm")
         time.sleep(1.0)  # a second of stream on the healthy link (pacing, not waiting for an event)
@@ -120,7 +74,7 @@ def test_a_racer_copying_every_packet_from_another_address_gets_at_most_three_ti
         relay_pair, tmp_path):
     pair, score, active = steady_pair(relay_pair, tmp_path)
     link = pair.links[active]
-    stream = Echoes(pair, 200)
+    stream = Echoes(pair, 200, RATE_PPS)
     try:
         assert pair.round_trip(pair.app_socket(), b"warm")
         link.set(racer=True)
@@ -139,7 +93,7 @@ def test_a_racer_copying_every_packet_from_another_address_gets_at_most_three_ti
 
 def test_a_nat_that_changes_the_source_port_is_followed_within_a_round_trip(relay_pair, tmp_path):
     pair, score, active = steady_pair(relay_pair, tmp_path)
-    stream = Echoes(pair, 100)
+    stream = Echoes(pair, 100, RATE_PPS)
     try:
         assert pair.round_trip(pair.app_socket(), b"warm")
         time.sleep(0.5)  # some stream before (pacing)

@@ -153,6 +153,16 @@ class ProbedPath:
                 self.prober.on_ack(self.link, probe_id, len(packet))
 
 
+    def answer_until_found(self, reactor, clock):
+        """Answer, and move the clock on 50 ms a step, until the search ends (5 s at most)."""
+        for _ in range(100):
+            self.answer()
+            if not self.link.pmtu.searching:
+                return
+            clock.advance(0.05)
+            run_until(reactor, clock, clock.now)
+
+
 class UnfragmentedSocket(RecordingSocket):
     """send_unfragmented's socket options are recorded; a size over `refuse_over` is
     refused as the kernel refuses a probe larger than the route's MTU."""
@@ -204,12 +214,7 @@ def test_the_prober_finds_the_path_mtu_with_df_probes_sealed_under_the_epoch(fak
     link = links[0]
     path = ProbedPath(link, data, prober, 1400)
     prober.on_link_up(link)
-    for _ in range(100):
-        path.answer()
-        if not link.pmtu.searching:
-            break
-        clock.advance(0.05)
-        run_until(reactor, clock, clock.now)
+    path.answer_until_found(reactor, clock)
     assert not link.pmtu.searching
     assert 1400 - mpudp.PMTU_GRANULARITY <= link.pmtu.confirmed <= 1400 < link.pmtu.limit
     assert limits[-1] == link.pmtu.limit
@@ -255,12 +260,7 @@ def test_a_probe_the_kernel_refuses_as_too_long_is_a_lost_size_at_once(fake):
     path = ProbedPath(link, data, prober, 1400)
     prober.on_link_up(link)
     assert link.pmtu.limit == 1500 - V4  # refused locally: no need for three tries
-    for _ in range(100):
-        path.answer()
-        if not link.pmtu.searching:
-            break
-        clock.advance(0.05)
-        run_until(reactor, clock, clock.now)
+    path.answer_until_found(reactor, clock)
     assert 1400 - mpudp.PMTU_GRANULARITY <= link.pmtu.confirmed <= 1400 < link.pmtu.limit
 
 
