@@ -3,6 +3,7 @@
 
     python3 bench/profile_hot_path.py [--size 1200] [--packets 20000] [--profile]
     python3 bench/profile_hot_path.py --rate 1000 --packets 10000 --profile   # paced, one at a time
+    python3 bench/profile_hot_path.py --rate 1000 --packets 2000 --opcodes    # bytecodes per function
 
 Runs a Server, a Client (one loopback link), an echo upstream and an
 application socket on one Reactor, keeps a window of 32 datagrams in flight
@@ -10,12 +11,16 @@ application socket on one Reactor, keeps a window of 32 datagrams in flight
 stream does) and reports the process's CPU time per echoed packet (all four
 parties, so it is an upper bound for the relay's share); --profile prints the
 top functions by own time, with calls and microseconds per echoed packet
-(cProfile's own overhead included: compare functions, not totals).
+(cProfile's own overhead included: compare functions, not totals); --opcodes
+counts the bytecode instructions each function of mpudp.py and selectors.py
+runs per echoed packet (exact and repeatable, unlike times: a measure of how
+much Python work a change removes, not of what that saves).
 bench/bench.py measures the relay as separate processes;
 bench/profile_processes.py samples those with py-spy or perf.
 """
 
 import argparse
+import collections
 import cProfile
 import os
 import pstats
@@ -122,6 +127,30 @@ def pace(reactor, client, payload, packets, rate):
     return echoed[0]
 
 
+class OpcodeCounter(object):
+    """sys.settrace with opcode events, counting per (file, function) in mpudp.py and selectors.py."""
+
+    FILES = ("mpudp.py", "selectors.py")
+
+    def __init__(self):
+        self.counts = collections.Counter()
+
+    def trace(self, frame, event, _arg):
+        filename = frame.f_code.co_filename
+        if not filename.endswith(self.FILES):
+            return None
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            self.counts[(os.path.basename(filename), frame.f_code.co_name)] += 1
+        return self.trace
+
+    def print_per_packet(self, echoed, top=25):
+        print("%.0f bytecodes per echoed packet in mpudp.py and selectors.py" % (
+            sum(self.counts.values()) / echoed))
+        for (filename, name), n in self.counts.most_common(top):
+            print("%9.1f  %s (%s)" % (n / echoed, name, filename))
+
+
 def print_per_packet(profiler, echoed, top=25):
     """cProfile's top functions by own time, as calls and us per echoed packet."""
     stats = pstats.Stats(profiler).stats
@@ -138,18 +167,23 @@ def main(argv=None):
     parser.add_argument("--packets", type=int, default=20000)
     parser.add_argument("--rate", type=float, help="paced: datagrams per second, one at a time")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--opcodes", action="store_true", help="count bytecodes per function (slow)")
     args = parser.parse_args(argv)
     reactor, client = build()
+    counter = OpcodeCounter() if args.opcodes else None
     # CPU time, not wall time: at a fixed rate the process mostly sleeps in epoll, and a
     # wall-clock profile would charge that sleep to poll().
     profiler = cProfile.Profile(time.process_time) if args.profile else None
     wall, cpu = time.perf_counter(), time.process_time()
     if profiler:
         profiler.enable()
+    if counter:
+        sys.settrace(counter.trace)
     if args.rate:
         echoed = pace(reactor, client, b"x" * args.size, args.packets, args.rate)
     else:
         echoed = pump(reactor, client, b"x" * args.size, args.packets)
+    sys.settrace(None)
     if profiler:
         profiler.disable()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -158,6 +192,8 @@ def main(argv=None):
                                                   cpu / max(echoed, 1) * 1e6, sys.version.split()[0]))
     if profiler:
         print_per_packet(profiler, max(echoed, 1))
+    if counter:
+        counter.print_per_packet(max(echoed, 1))
     return 0
 
 
