@@ -188,8 +188,9 @@ AGG_INITIAL_RATE = 125000.0  # bytes/s (1 Mbit/s) before a link has been measure
 AGG_MIN_RATE = 12500.0  # bytes/s the carriers are taken to deliver at the least (100 kbit/s each)
 AGG_LOSS_SIGNAL = 0.02  # data lost on a link in one heartbeat interval that says it is full
 AGG_QUEUE_MARGIN_S = 0.003  # a queue (a delay) this much above the least of the carriers' gives share
-AGG_STEP = 0.1  # the least share a full (or slower) link gives up per heartbeat interval
-AGG_QUEUE_SCALE_S = 0.1  # and more for a longer queue: 20 ms above the others' gives up a fifth
+AGG_STEP = 0.1  # the least share a full link, or a slower one while none is full, gives up per interval
+AGG_DRAIN_S = 1.0  # a full link is sent less than it delivered while its queue drains: 10 ms above the others, 1% less
+AGG_MAX_DRAIN = 0.1  # no more: when every link is full, moving traffic drains nothing, and a swing loses more
 AGG_MIN_SHARE = 0.02  # every carrier keeps a little traffic, to be measured by
 AGG_HEADROOM = 1.25  # the Spreader's rates: what the carriers delivered together, and this much more
 SPREAD_AHEAD_S = 1.0  # the Spreader's virtual queues never run further ahead of now than this
@@ -990,14 +991,17 @@ def rebalance(ways: Sequence[LinkRate], delays: Sequence[float]) -> None:
     in the config, while they carry data:
 
     - a carrier whose queue is above the least of theirs by AGG_QUEUE_MARGIN_S, or
-      that lost data (AGG_LOSS_SIGNAL), is full: it gives up part of its share,
-      AGG_STEP and more the longer its queue (30% at most), to the others;
+      that lost data (AGG_LOSS_SIGNAL), is full: what it delivered is what it can
+      carry, so from now on it is sent that (a little less while its queue drains,
+      AGG_DRAIN_S), and at least AGG_STEP less than before; the others take the
+      rest.  When every carrier is full, the split is by what each delivered
+      (`_fit_full`);
     - while none is full, the carriers whose one-way delay (`delays`) is above the
       least by AGG_QUEUE_MARGIN_S give up AGG_STEP to the faster ones: a slow link
       (a satellite beside fibre) carries only what the fast one cannot.
 
-    Equal queues are where each link carries in proportion to what it can, so the
-    shares follow the links' capacities, and a capacity that changes, within seconds.
+    So the shares follow the links' capacities, and a capacity that changes, within
+    an interval or two; an overload of every link is split by what each delivered.
     Each link's `rate` is then its share of what the carriers delivered together,
     with AGG_HEADROOM: the Spreader's backlogs grow when the applications send more
     than that, and a packet goes on a slower link only when the faster one's
@@ -1010,12 +1014,10 @@ def rebalance(ways: Sequence[LinkRate], delays: Sequence[float]) -> None:
         full = [way.lost_share > AGG_LOSS_SIGNAL or way.queue_s > least_queue + AGG_QUEUE_MARGIN_S
                 for way in ways]
         if any(full):
-            steps = [min(0.3, max(AGG_STEP, (way.queue_s - least_queue) / AGG_QUEUE_SCALE_S)) if is_full else 0.0
-                     for way, is_full in zip(ways, full)]
+            _fit_full(ways, full, least_queue)
         else:
             least_delay = min(delays)
-            steps = [AGG_STEP if delay > least_delay + AGG_QUEUE_MARGIN_S else 0.0 for delay in delays]
-        _shift_shares(ways, steps)
+            _shift_shares(ways, [AGG_STEP if delay > least_delay + AGG_QUEUE_MARGIN_S else 0.0 for delay in delays])
     total_share = sum(way.share for way in ways)
     for way in ways:
         way.share = max(AGG_MIN_SHARE, way.share / total_share)
@@ -1023,6 +1025,33 @@ def rebalance(ways: Sequence[LinkRate], delays: Sequence[float]) -> None:
     scale = max(AGG_MIN_RATE * len(ways), AGG_HEADROOM * delivered)
     for way in ways:
         way.rate = scale * way.share / total_share
+
+
+def _fit_full(ways: Sequence[LinkRate], full: Sequence[bool], least_queue: float) -> None:
+    """Give each full way the part of what was sent that it delivered, less what drains its
+    queue, and at least AGG_STEP less than it had (so a flow that adapts, such as TCP,
+    finds the room the others have), but not less than half (one interval's count can be
+    off); the others share the rest as they did.  All full (more is sent than the links
+    carry together): split by what each delivered, which holds still."""
+    sent = sum(way.sent_rate for way in ways)
+    if sent <= 0:
+        return
+    if all(full):
+        for way in ways:
+            way.share = max(way.delivered_rate, AGG_MIN_RATE)
+        return
+    total_share = sum(way.share for way in ways)
+    fitted = 0.0
+    for way, is_full in zip(ways, full):
+        if is_full:
+            had = way.share / total_share
+            drain = min(AGG_MAX_DRAIN, (way.queue_s - least_queue) / AGG_DRAIN_S)
+            way.share = min(had * (1.0 - AGG_STEP), max(had / 2, way.delivered_rate * (1.0 - drain) / sent))
+            fitted += way.share
+    others = sum(way.share for way, is_full in zip(ways, full) if not is_full)
+    for way, is_full in zip(ways, full):
+        if not is_full:
+            way.share = (1.0 - fitted) * way.share / others
 
 
 def _shift_shares(ways: Sequence[LinkRate], steps: Sequence[float]) -> None:

@@ -52,6 +52,48 @@ def test_shares_follow_a_capacity_that_drops_within_seconds():
     assert history[-1][0] <= 0.24 + 0.12, history  # 0.8 / 3.3 = 0.24; within 6 s at 0.5 s heartbeats
 
 
+def overload(capacities, offered, intervals, seed):
+    """Drive rebalance() with an unresponsive flow of `offered` bytes/s (a UDP stream) over
+    links of these capacities, each with a 50 ms drop-tail buffer, the sent and delivered
+    counts off by up to 2% (seeded).  (share of link 0 after each interval, the part of
+    what was offered that was delivered in each)."""
+    rnd = random.Random(seed)
+    ways = [mpudp.LinkRate() for _ in capacities]
+    backlog = [0.0] * len(capacities)  # bytes queued in each link's buffer
+    shares, delivered_parts = [], []
+    for _ in range(intervals):
+        split = [way.share / sum(w.share for w in ways) for way in ways]
+        delivered_total = 0.0
+        for i, (way, part, capacity) in enumerate(zip(ways, split, capacities)):
+            sent = part * offered * 0.5 * rnd.uniform(0.98, 1.02)
+            carried = min(capacity * 0.5, backlog[i] + sent)
+            backlog[i] += sent - carried
+            lost = max(0.0, backlog[i] - 0.05 * capacity)
+            backlog[i] -= lost
+            delivered_total += carried
+            way.on_interval(int(sent), int(carried * rnd.uniform(0.98, 1.02)), lost / sent if sent else 0.0,
+                            backlog[i] / capacity, 0.5)
+        mpudp.rebalance(ways, [0.001] * len(capacities))
+        shares.append(ways[0].share / sum(w.share for w in ways))
+        delivered_parts.append(delivered_total / (offered * 0.5))
+    return shares, delivered_parts
+
+
+@pytest.mark.parametrize("capacities, load", [((2.25e6, 2.25e6), 1.004), ((6.25e6, 2.5e6), 1.0),
+                                              ((2.25e6, 2.25e6), 1.2)])
+@pytest.mark.parametrize("seed", range(3))
+def test_an_overload_of_every_link_is_split_by_capacity_and_loses_only_the_excess(capacities, load, seed):
+    """A UDP stream above what the links carry together: shares that swing make one link
+    drop while the other idles; they must settle where each link is sent what it carries."""
+    offered = load * sum(capacities)
+    shares, delivered = overload(capacities, offered, 40, seed)
+    settled = sorted(shares[10:])
+    assert abs(settled[len(settled) // 2] - capacities[0] / sum(capacities)) <= 0.03, shares
+    assert all(abs(share - capacities[0] / sum(capacities)) <= 0.1 for share in settled), shares
+    at_most = min(1.0, 1.0 / load)  # what the links can carry of it
+    assert sum(delivered[10:]) / len(delivered[10:]) >= at_most - 0.02, delivered
+
+
 def test_a_slower_link_gives_its_share_to_the_faster_while_neither_is_full():
     ways, history = saturate((2.5e6, 2.5e6), 30, delays=[0.001, 0.016], offered=1e6)
     assert history[-1][1] <= 0.05, history[-1]  # 30 ms more RTT and room on the fast link: hardly used
