@@ -118,7 +118,7 @@ import harness  # noqa: E402
 import procfs  # noqa: E402
 import report  # noqa: E402
 from harness import BenchError, Child, Kids, progress, write_config  # noqa: E402
-from params import GO_CLIENT_CONFIG, GO_SERVER_CONFIG, MPUDP, RELAY_CONFIG, ROOT, TESTS  # noqa: E402
+from params import GO_CLIENT_CONFIG, GO_SERVER_CONFIG, MPUDP, RELAY_CONFIG, TESTS  # noqa: E402
 from summary import ratio, spread  # noqa: E402
 
 # ============================================================================
@@ -146,6 +146,7 @@ QUEUE_MS = 50  # each shaped direction's bfifo, in ms at the link's rate
 BURST_MS = 2  # htb burst/cburst, in ms at the link's rate
 FRAME_BYTES = 1514
 UDP_RATE_FACTOR = 1.8  # the udp scenario's stream, in multiples of link 0's rate
+BEST_LINK_MARGIN = 10.0  # priority of every link but the fastest (score points, as 10 ms of RTT)
 LOWRATE_PPS, LOWRATE_SIZE = 100, 200
 RECOVER_S = 3.0  # after a blackhole, before the next measurement
 SETTLE_S = 1.0  # quiet before WireGuard is pointed at the next path (see TunnelBench.use_path)
@@ -522,6 +523,13 @@ class Relays(object):
                 remotes.append("%s:%d" % (self.topo.link_ip(i, "server"), SERVER_PORTS[path]))
         return remotes
 
+    def priorities(self):
+        """Each link's priority: 0 for the fastest (an unshaped link is), BEST_LINK_MARGIN for the
+        others, so active-backup runs on the fastest link, as the aggregate figures' baseline
+        must; equal links all get 0 (the relay then picks by RTT)."""
+        rates = [float("inf") if link["mbit"] is None else link["mbit"] for link in self.topo.links]
+        return [0.0 if rate == max(rates) else BEST_LINK_MARGIN for rate in rates]
+
     def start(self, emulated):
         for path in self.paths:
             if path in RELAYS:
@@ -533,7 +541,8 @@ class Relays(object):
         server = {"listen_addr": "0.0.0.0:%d" % SERVER_PORTS[path], "upstream_addr": "127.0.0.1:%d" % WG_PORT,
                   "server_private_key": keys["server_private"], "client_public_keys": [keys["client_public"]]}
         client = dict(RELAY_CONFIG, listen_addr="127.0.0.1:%d" % CLIENT_PORTS[path],
-                      links=[{"remote_addr": r} for r in remotes], client_private_key=keys["client_private"],
+                      links=[{"remote_addr": r, "priority": p} for r, p in zip(remotes, self.priorities())],
+                      client_private_key=keys["client_private"],
                       server_public_key=keys["server_public"])
         if path == AGG:
             client["aggregate"] = True
@@ -552,7 +561,7 @@ class Relays(object):
                       upstream_addrs=["127.0.0.1:%d" % WG_PORT], server_private_key=server_private,
                       client_public_keys=[client_public])
         client = dict(GO_CLIENT_CONFIG, listen_addr="127.0.0.1:%d" % CLIENT_PORTS[path],
-                      links=[{"remote_addr": r, "priority": 0.0} for r in remotes],
+                      links=[{"remote_addr": r, "priority": p} for r, p in zip(remotes, self.priorities())],
                       client_private_key=client_private, server_public_key=server_public)
         return self.spawn(path, go.mpudp, [], {"mode": "server", "server": server},
                           {"mode": "client", "client": client})

@@ -171,3 +171,12 @@ def test_every_scenario_names_known_tests_and_the_udp_rate_has_a_link_rate():
         assert all(test in tunnel.TESTS_RUN for test in spec["tests"]), name
         if "udp" in spec["tests"] or "blackhole" in spec["tests"]:
             assert spec["links"][0]["mbit"], name  # shaped: a rate to exceed, a queue to blackhole
+
+
+@pytest.mark.parametrize("scenario, expected", [("unequal", [0.0, tunnel.BEST_LINK_MARGIN]),
+                                                ("equal", [0.0, 0.0]), ("unshaped", [0.0])])
+def test_active_backup_is_measured_on_the_fastest_link(scenario, expected):
+    """The aggregate figures are against active-backup on the best link: the slower links
+    get a priority that keeps the relay off them (an unshaped link is the fastest)."""
+    topo = type("Topo", (), {"links": tunnel.SCENARIOS[scenario]["links"]})()
+    assert tunnel.Relays(None, topo, []).priorities() == expected
