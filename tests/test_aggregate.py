@@ -373,6 +373,26 @@ def test_aggregate_spreads_both_ways_and_delivers_in_order_in_process(in_process
     assert all(link.data_sent > 100 for link in client.links), [link.data_sent for link in client.links]
     assert all(harness.peer.link(i).data_sent > 100 for i in (0, 1)), harness.log_text()[-2000:]
     assert "client 0 aggregates" in harness.log_text()
+    # The metrics say what the status says: each link's estimates both ways, its path MTU.
+    status = {link["index"]: link for link in client.status()["links"]}
+    metrics = {name: dict((labels["link"], value) for labels, value in samples)
+               for name, _kind, _help, samples in client.metrics() if name.startswith("mpudp_link_")}
+    for way in ("up", "down"):
+        rates = metrics["mpudp_link_rate_%s_bytes_per_second" % way]
+        assert sorted(rates) == [0, 1]
+        for index, rate in rates.items():
+            assert rate * 8 / 1000 == pytest.approx(status[index]["rate_%s_kbps" % way], abs=0.1)
+            assert rate != mpudp.AGG_INITIAL_RATE, (way, rates)  # estimated since, from what the links carried
+    for index, mtu in metrics["mpudp_link_path_mtu_bytes"].items():
+        assert (mtu == status[index]["path_mtu"]) if status[index]["path_mtu"] else mtu != mtu  # NaN: not known
+
+
+def test_only_an_aggregating_client_has_rate_metrics(rig):
+    """The rate gauges belong to aggregate mode; without it they are not there at all."""
+    harness = rig()
+    names = {name for name, _kind, _help, _samples in harness.client.metrics()}
+    assert "mpudp_link_path_mtu_bytes" in names
+    assert not any(name.startswith("mpudp_link_rate_") for name in names), names
 
 
 # -- real processes ---------------------------------------------------------------------------
