@@ -941,26 +941,39 @@ class PathMtuSearch:
         return self.limit is None or payload + OVERHEAD < self.limit
 
 
-class RecentMax:
-    """The largest value noted in the last one to two periods.  `note` is a comparison,
-    for the packet path; the clock is read only by `value`, which rotates two buckets."""
+class _RecentBuckets:
+    """What was noted in the last one to two periods: two buckets, the one being filled
+    and the one before, which `_rotate` moves on once a period."""
 
     __slots__ = ("period", "current", "previous", "since")
 
-    def __init__(self, period: float) -> None:
+    def __init__(self, period: float, empty: Any) -> None:
         self.period = period
-        self.current = self.previous = 0
+        self.current = self.previous = empty
         self.since = None  # type: Optional[float]
+
+    def _rotate(self, now: float, empty: Any) -> None:
+        if self.since is None:
+            self.since = now
+        elif now - self.since >= self.period:
+            self.previous, self.current, self.since = self.current, empty, now
+
+
+class RecentMax(_RecentBuckets):
+    """The largest value noted lately.  `note` is a comparison, for the packet path; the
+    clock is read only by `value`."""
+
+    __slots__ = ()
+
+    def __init__(self, period: float) -> None:
+        super().__init__(period, 0)
 
     def note(self, value: int) -> None:
         if value > self.current:
             self.current = value
 
     def value(self, now: float) -> int:
-        if self.since is None:
-            self.since = now
-        elif now - self.since >= self.period:
-            self.previous, self.current, self.since = self.current, 0, now
+        self._rotate(now, 0)
         return max(self.current, self.previous)
 
 
@@ -1199,22 +1212,17 @@ class ReorderBuffer:
                 return
 
 
-class RecentMin:
-    """The least value noted in the last one to two periods (a link's least RTT: a path
-    that moved, to a longer one, is seen anew)."""
+class RecentMin(_RecentBuckets):
+    """The least value noted lately (a link's least RTT: a path that moved, to a longer
+    one, is seen anew); None before the first."""
 
-    __slots__ = ("period", "current", "previous", "since")
+    __slots__ = ()
 
     def __init__(self, period: float) -> None:
-        self.period = period
-        self.current = self.previous = None  # type: Optional[float]
-        self.since = None  # type: Optional[float]
+        super().__init__(period, None)
 
     def note(self, value: float, now: float) -> None:
-        if self.since is None:
-            self.since = now
-        elif now - self.since >= self.period:
-            self.previous, self.current, self.since = self.current, None, now
+        self._rotate(now, None)
         if self.current is None or value < self.current:
             self.current = value
 

@@ -101,6 +101,21 @@ def test_recent_max_remembers_for_one_to_two_periods():
     assert recent.value(32.0) == 900
 
 
+def test_recent_min_forgets_an_old_least_after_one_to_two_periods():
+    """A link's least RTT: a path that moved to a longer one is seen anew."""
+    recent = mpudp.RecentMin(10.0)
+    assert recent.value() is None
+    recent.note(0.020, 0.0)
+    recent.note(0.050, 5.0)
+    assert recent.value() == 0.020
+    recent.note(0.040, 12.0)  # rotated: 0.020 is in the previous bucket
+    assert recent.value() == 0.020
+    recent.note(0.045, 23.0)  # rotated again: 0.020 is gone
+    assert recent.value() == 0.040
+    recent.note(0.030, 24.0)
+    assert recent.value() == 0.030
+
+
 # -- steering ---------------------------------------------------------------------------------
 
 
