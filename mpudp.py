@@ -4258,7 +4258,7 @@ class ServerDataPath:
     def _drain_listen_socket(self) -> None:
         buf, view = self._buf, self._view
         peers, counters, call_soon, control = self.peers, self.counters, self.reactor.call_soon, self.control
-        upstream_batch, batch_session = self._upstream_batch, None
+        batch_session = None  # the session the upstream batch is aimed at
         try:
             for off, n, addr in receive_datagrams(self.listen_sock, self._bufs, view, self._gro):
                 if n < OVERHEAD:
@@ -4308,14 +4308,8 @@ class ServerDataPath:
                     batch_session = self._forward_released(peer, batch_session)
                 if kind == TYPE_DATA:
                     peer.link(link).data_received += 1
-                    session = peer.sessions.get(session_id) or self._open_session(peer, session_id)
-                    if session is None:
-                        continue
-                    session.packets += 1
-                    if session is not batch_session:
-                        upstream_batch.aim(session.sock, CONNECTED_PEER, peer.on_upstream_error)
-                        batch_session = session
-                    upstream_batch.append(view[off + HEADER_SIZE:off + n - MAC_SIZE])
+                    batch_session = self._to_upstream(peer, session_id, view[off + HEADER_SIZE:off + n - MAC_SIZE],
+                                                      batch_session)
                 elif kind == TYPE_RESPONSE and n == OVERHEAD + PATH_TOKEN.size:
                     call_soon(control.on_path_response, peer, addr, PATH_TOKEN.unpack_from(buf, off + HEADER_SIZE)[0])
                 elif kind == TYPE_HEARTBEAT and n == OVERHEAD + HEARTBEAT_PAYLOAD.size:
@@ -4343,17 +4337,22 @@ class ServerDataPath:
         peer.reorder.arrive(seq, link, (session_id, bytes(payload)), self.reactor.time(), self._released)
         return self._forward_released(peer, None)
 
+    def _to_upstream(self, peer: Peer, session_id: int, payload: memoryview,
+                     batch_session: Optional[ServerSession]) -> Optional[ServerSession]:
+        """A payload for the session's upstream socket (opened if new): into the upstream
+        batch, aimed anew when the session changes.  The session it is aimed at now."""
+        session = peer.sessions.get(session_id) or self._open_session(peer, session_id)
+        if session is None:
+            return batch_session
+        session.packets += 1
+        if session is not batch_session:
+            self._upstream_batch.aim(session.sock, CONNECTED_PEER, peer.on_upstream_error)
+        self._upstream_batch.append(payload)
+        return session
+
     def _forward_released(self, peer: Peer, batch_session: Optional[ServerSession]) -> Optional[ServerSession]:
-        batch = self._upstream_batch
         for session_id, payload in self._released:
-            session = peer.sessions.get(session_id) or self._open_session(peer, session_id)
-            if session is None:
-                continue
-            session.packets += 1
-            if session is not batch_session:
-                batch.aim(session.sock, CONNECTED_PEER, peer.on_upstream_error)
-                batch_session = session
-            batch.append(memoryview(payload))
+            batch_session = self._to_upstream(peer, session_id, memoryview(payload), batch_session)
         del self._released[:]
         if peer.reorder is not None and peer.reorder.held:
             self._waiting[peer.client_id] = peer
