@@ -1915,19 +1915,26 @@ class SendBatch:
                     self._failed(exc)
 
     def _send_one(self, packet: memoryview) -> None:
-        """One packet to every address, with a plain sendto (send: the connected peer)."""
+        """One packet to every address."""
         for addr in self.addrs:
-            try:
-                if addr is None:
-                    self.sock.send(packet)
-                else:
-                    self.sock.sendto(packet, addr)
-                self.sent_bytes += len(packet)
-                self.sent_packets += 1
-            except BlockingIOError:
-                self.counters.add(self.full_counter)
-            except OSError as exc:
-                self._failed(exc)
+            self._send_to(packet, addr)
+
+    def _send_to(self, packet: memoryview, addr: Optional[tuple]) -> bool:
+        """One packet with a plain sendto (send: the connected peer); False if it failed
+        (a full buffer is counted, and is no failure)."""
+        try:
+            if addr is None:
+                self.sock.send(packet)
+            else:
+                self.sock.sendto(packet, addr)
+            self.sent_bytes += len(packet)
+            self.sent_packets += 1
+        except BlockingIOError:
+            self.counters.add(self.full_counter)
+        except OSError as exc:
+            self._failed(exc)
+            return False
+        return True
 
     def _failed(self, exc: OSError) -> None:
         self.failed = True
@@ -1940,18 +1947,7 @@ class SendBatch:
             self.enabled = False
         self.max_seg = min(self.max_seg, self.seg - 1)
         for start in range(0, len(packets), self.seg):
-            packet = packets[start:start + self.seg]
-            try:
-                if addr is None:
-                    self.sock.send(packet)
-                else:
-                    self.sock.sendto(packet, addr)
-                self.sent_bytes += len(packet)
-                self.sent_packets += 1
-            except BlockingIOError:
-                self.counters.add(self.full_counter)
-            except OSError as exc:
-                self._failed(exc)
+            if not self._send_to(packets[start:start + self.seg], addr):
                 return
 
 
