@@ -3255,12 +3255,8 @@ class Client(ClientControl):
 
     def on_reorder_waiting(self) -> None:
         """Early packets wait for the ones before them: a timer for the end of their hold."""
-        reorder = self.data.reorder
-        deadline = reorder.deadline() if reorder is not None else None
-        if deadline is None or (self._reorder_timer is not None and self._reorder_timer.when <= deadline):
-            return
-        self.reactor.cancel(self._reorder_timer)
-        self._reorder_timer = self.reactor.call_at(deadline, self._reorder_hold_over)
+        self._reorder_timer = hold_timer(self.reactor, self.data.reorder, self._reorder_timer,
+                                         self._reorder_hold_over)
 
     def _reorder_hold_over(self) -> None:
         self._reorder_timer = None
@@ -3740,6 +3736,17 @@ class Client(ClientControl):
                                                      float(read(link)))
                                                     for link in self.links]))
         return metrics + [drop_metrics(self.counters)]
+
+
+def hold_timer(reactor: Reactor, reorder: Optional[ReorderBuffer], timer: Optional[Timer], callback: Callable,
+               *args) -> Optional[Timer]:
+    """The timer for the end of the oldest early packet's hold (client and server alike):
+    `timer` if it fires by then, else a new one for callback(*args)."""
+    deadline = reorder.deadline() if reorder is not None else None
+    if deadline is None or (timer is not None and timer.when <= deadline):
+        return timer
+    reactor.cancel(timer)
+    return reactor.call_at(deadline, callback, *args)
 
 
 def reorder_status(reorder: Optional[ReorderBuffer]) -> Optional[Dict[str, Any]]:
@@ -4843,12 +4850,7 @@ class Server(ServerControl):
         peer.reorder.carriers = tuple(link for link, _addr in peer.return_path.links)
 
     def on_reorder_waiting(self, peer: Peer) -> None:
-        reorder = peer.reorder
-        deadline = reorder.deadline() if reorder is not None else None
-        if deadline is None or (peer.reorder_timer is not None and peer.reorder_timer.when <= deadline):
-            return
-        self.reactor.cancel(peer.reorder_timer)
-        peer.reorder_timer = self.reactor.call_at(deadline, self._reorder_hold_over, peer)
+        peer.reorder_timer = hold_timer(self.reactor, peer.reorder, peer.reorder_timer, self._reorder_hold_over, peer)
 
     def _reorder_hold_over(self, peer: Peer) -> None:
         peer.reorder_timer = None

@@ -387,6 +387,26 @@ def test_aggregate_spreads_both_ways_and_delivers_in_order_in_process(in_process
         assert (mtu == status[index]["path_mtu"]) if status[index]["path_mtu"] else mtu != mtu  # NaN: not known
 
 
+def test_an_early_packet_waits_for_its_hold_then_goes_to_the_application(rig):
+    """The data path's report that packets wait arms a timer for the end of their hold;
+    when it fires, they go to the application (the packet before them is given up)."""
+    harness = rig(client={"aggregate": True})
+    harness.round_trip(b"a session for the application")
+    client, reorder = harness.client, harness.client.data.reorder
+    session_id = next(iter(client.data.sessions_by_id))
+    out = []
+    reorder.arrive(reorder.next + 50, 1, (session_id, b"early"), harness.clock.now, out)
+    assert out == [] and reorder.held
+    client.on_reorder_waiting()  # what the drain asks for, once it is over
+    assert client._reorder_timer.when == reorder.deadline() == harness.clock.now + reorder.hold_s
+    skipped = reorder.skipped
+    harness.run(reorder.hold_s / 2, step=reorder.hold_s / 10)
+    assert b"early" not in [data for data, _ in drain(harness.app)]
+    harness.run(reorder.hold_s, step=reorder.hold_s / 10)
+    assert b"early" in [data for data, _ in drain(harness.app)]
+    assert reorder.skipped > skipped and not reorder.held and client._reorder_timer is None
+
+
 def test_only_an_aggregating_client_has_rate_metrics(rig):
     """The rate gauges belong to aggregate mode; without it they are not there at all."""
     harness = rig()
