@@ -4732,6 +4732,7 @@ class Server(ServerControl):
             endpoint.close()
         for peer in self.peers.values():
             self.reactor.cancel(peer.path_line_timer)
+            self.reactor.cancel(peer.reorder_timer)
         self.data.close()
 
     def _sweep_interval(self) -> float:
