@@ -10,7 +10,7 @@ import pytest
 
 from conftest import wait_json
 from helpers import WAIT_S, Echoes, addr_text, drain
-from test_control import bring_up, make_links, steering_config
+from test_control import bring_up, client_config, make_links, steering_config
 
 import mpudp
 
@@ -311,26 +311,17 @@ def test_aggregate_carries_on_every_steady_link_and_a_link_back_only_once_steady
 # -- config --------------------------------------------------------------------------------
 
 
-def client_section(**extra):
-    server, client = mpudp.generate_private_key(), mpudp.generate_private_key()
-    section = {"listen_addr": "127.0.0.1:0", "links": [{"remote_addr": "192.0.2.1:5000"}] * 2,
-               "client_private_key": mpudp.encode_key(client),
-               "server_public_key": mpudp.encode_key(mpudp.public_key(server))}
-    section.update(extra)
-    return {"mode": "client", "client": section}
-
-
 def test_aggregate_is_off_by_default_and_a_boolean():
-    assert mpudp.parse_config(client_section()).section.aggregate is False
-    assert mpudp.parse_config(client_section(aggregate=True)).section.aggregate is True
+    assert mpudp.parse_config(client_config(links=2)).section.aggregate is False
+    assert mpudp.parse_config(client_config(links=2, aggregate=True)).section.aggregate is True
     with pytest.raises(mpudp.ConfigError, match=r"client.aggregate: must be true or false, not a string"):
-        mpudp.parse_config(client_section(aggregate="yes"))
+        mpudp.parse_config(client_config(links=2, aggregate="yes"))
 
 
 @pytest.mark.parametrize("redundancy", [2, "auto"])
 def test_aggregate_with_redundancy_is_one_line_naming_both(redundancy):
     with pytest.raises(mpudp.ConfigError) as caught:
-        mpudp.parse_config(client_section(aggregate=True, redundancy=redundancy))
+        mpudp.parse_config(client_config(links=2, aggregate=True, redundancy=redundancy))
     assert str(caught.value).count("\n") == 0
     assert "client.aggregate: true cannot go with redundancy" in str(caught.value)
 
@@ -385,6 +376,12 @@ def test_aggregate_spreads_both_ways_and_delivers_in_order_in_process(in_process
             assert rate != mpudp.AGG_INITIAL_RATE, (way, rates)  # estimated since, from what the links carried
     for index, mtu in metrics["mpudp_link_path_mtu_bytes"].items():
         assert (mtu == status[index]["path_mtu"]) if status[index]["path_mtu"] else mtu != mtu  # NaN: not known
+    # And the debug log's table (SIGUSR1 and the demo print it too): shares and estimates both ways.
+    table = client.link_table()
+    assert "share up/down" in table[0] and "est. Mbit/s up/down" in table[0], table[0]
+    for index in (0, 1):
+        shares = "%.0f%%/%.0f%%" % (status[index]["share_up"] * 100, status[index]["share_down"] * 100)
+        assert shares in table[1 + index], (shares, table)
 
 
 def test_an_early_packet_waits_for_its_hold_then_goes_to_the_application(rig):
@@ -408,11 +405,13 @@ def test_an_early_packet_waits_for_its_hold_then_goes_to_the_application(rig):
 
 
 def test_only_an_aggregating_client_has_rate_metrics(rig):
-    """The rate gauges belong to aggregate mode; without it they are not there at all."""
+    """The rate gauges and the table's share columns belong to aggregate mode; without it
+    they are not there at all."""
     harness = rig()
     names = {name for name, _kind, _help, _samples in harness.client.metrics()}
     assert "mpudp_link_path_mtu_bytes" in names
     assert not any(name.startswith("mpudp_link_rate_") for name in names), names
+    assert "share" not in harness.client.link_table()[0]  # nor table columns
 
 
 # -- real processes ---------------------------------------------------------------------------

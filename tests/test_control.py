@@ -244,13 +244,18 @@ def test_a_refused_heartbeat_is_reported_not_raised(reactor, clock):
 # -- Steering and Route ----------------------------------------------------------------
 
 
-def steering_config(**extra):
+def client_config(links=3, **extra):
+    """A client's config file as parsed JSON: `links` links to one server, and `extra` keys."""
     server, client = mpudp.generate_private_key(), mpudp.generate_private_key()
-    section = {"listen_addr": "127.0.0.1:0", "links": [{"remote_addr": "192.0.2.1:5000"}] * 3,
+    section = {"listen_addr": "127.0.0.1:0", "links": [{"remote_addr": "192.0.2.1:5000"}] * links,
                "client_private_key": mpudp.encode_key(client),
                "server_public_key": mpudp.encode_key(mpudp.public_key(server))}
     section.update(extra)
-    return mpudp.parse_config({"mode": "client", "client": section}).section
+    return {"mode": "client", "client": section}
+
+
+def steering_config(**extra):
+    return mpudp.parse_config(client_config(**extra)).section
 
 
 def bring_up(link, now, rtt=0.01, answers=4):
