@@ -697,10 +697,13 @@ def lines_from(process, start=0):
 
 def wait_for_last(process, markers, wanted, start=0, timeout=WAIT_S):
     """Wait until, from line `start` on, the last line of `process` containing one of `markers`
-    contains `wanted`; fails the test if it does not."""
+    contains `wanted` (a string, or a tuple of strings any one of which will do); fails the
+    test if it does not."""
+    alternatives = (wanted,) if isinstance(wanted, str) else wanted
+
     def last_has():
         lines = [line for line in process.lines[start:] if any(m in line for m in markers)]
-        return bool(lines) and wanted in lines[-1]
+        return bool(lines) and any(w in lines[-1] for w in alternatives)
 
     with process.cond:
         if process.cond.wait_for(last_has, timeout):

@@ -59,6 +59,7 @@ WANS = {
 }
 SOURCE = {"vethA": "10.211.1.1", "vethB": "10.211.2.1"}
 RETURN_PATH = ("return path link", "replies now go by link")  # the server's lines naming where replies go
+CARRIER = ("carries the traffic", "switch link ")  # the client's lines naming the link that carries the data
 HEARTBEAT_S = 0.1
 STREAM_PACKETS, STREAM_SIZE = 200, 1000  # a data stream the interface counters cannot miss
 
@@ -189,6 +190,16 @@ def two_wans(tmp_path):
         wans.close()
 
 
+def wait_carried_by(wans, index, interface, start=0, start_server=0):
+    """Link `index` carries the data and the server's replies, its packets from `interface`'s
+    address: the client's last line naming a carrier names it, then the server's last
+    return-path line does.  The client first: the server names the link of the first HELLO
+    even when another link answers first and carries the data until a switch back."""
+    name = wans.link(index)
+    wait_for_last(wans.client, CARRIER, (name + " carries the traffic", "-> " + name), start=start)
+    wait_for_last(wans.server, RETURN_PATH, "link %d (%s:" % (index, SOURCE[interface]), start=start_server)
+
+
 def growth(before, after, key):
     return {name: after[name][key] - before[name][key] for name in after}
 
@@ -225,7 +236,7 @@ def test_each_link_leaves_by_its_own_interface(two_wans, bound):
     wans.client.wait_for_line(wans.link(1) + " up")
     wans.app.probe("first")
     link1_leaves_by = "vethB" if bound else "vethA"
-    wait_for_last(wans.server, RETURN_PATH, "link 1 (%s:" % SOURCE[link1_leaves_by])
+    wait_carried_by(wans, 1, link1_leaves_by)
 
     # Heartbeats alone (the application is quiet): 10 a second on each link.
     before = wans.counters("vethA", "vethB")
@@ -263,7 +274,7 @@ def test_fwmark_link_is_policy_routed(two_wans):
     wans.client.wait_for_line(wans.link(1) + " up")
     wans.client.wait_for_line("%s: [Errno %d]" % (wans.link(0), errno.ENETUNREACH))
     wans.app.probe("marked")
-    wait_for_last(wans.server, RETURN_PATH, "link 1 (%s:" % SOURCE["vethB"])
+    wait_carried_by(wans, 1, "vethB")
     assert_stream_leaves_by(wans, "marked", "vethB", "vethA")
 
     status = wait_for_status(wans.score_file, lambda s: s["links"][1]["state"] == "up"
@@ -450,7 +461,7 @@ def test_interface_deleted_and_made_again(two_wans):
     wans.client.wait_for_line("handshake done")
     wans.client.wait_for_line(wans.link(1) + " up")
     wans.app.probe("before")
-    wait_for_last(wans.server, RETURN_PATH, "link 1 (%s:" % SOURCE["vethB"])
+    wait_carried_by(wans, 1, "vethB")
     old_index = int(wans.client_ns.run("cat", "/sys/class/net/vethB/ifindex"))
 
     mark, mark_server = len(wans.client.lines), len(wans.server.lines)
@@ -478,7 +489,7 @@ def test_interface_deleted_and_made_again(two_wans):
     wans.client.wait_for_line(wans.link(1) + ": its socket is ready again", start=mark)
     wans.client.wait_for_line(wans.link(1) + " up", start=mark)
     up_s = time.monotonic() - made
-    wait_for_last(wans.server, RETURN_PATH, "link 1 (%s:" % SOURCE["vethB"], start=mark_server)
+    wait_carried_by(wans, 1, "vethB", start=mark, start_server=mark_server)
     back_s = time.monotonic() - made
     assert_stream_leaves_by(wans, "back", "vethB", "vethA")
     report("vethB made again: link 1 up after %.0f ms, carrying traffic again after %.0f ms" % (
@@ -572,7 +583,7 @@ def test_interface_or_address_not_there_at_start(two_wans, option, trouble, valu
     add_source_route(wans)
     wans.client.wait_for_line(wans.link(1) + ": its socket is ready again", start=mark)
     wans.client.wait_for_line(wans.link(1) + " up", start=mark)
-    wait_for_last(wans.server, RETURN_PATH, "link 1 (%s:" % SOURCE["vethB"], start=mark_server)
+    wait_carried_by(wans, 1, "vethB", start=mark, start_server=mark_server)
     assert_stream_leaves_by(wans, "late", "vethB", "vethA")
     assert [p.stop() for p in wans.procs] == [0, 0]
 
@@ -589,7 +600,7 @@ def test_bind_addr_picks_the_source_and_a_rule_the_uplink(two_wans):
     wans.client.wait_for_line("handshake done")
     wans.client.wait_for_line(wans.link(1) + " up")
     wans.app.probe("first")
-    wait_for_last(wans.server, RETURN_PATH, "link 1 (%s:" % SOURCE["vethB"])
+    wait_carried_by(wans, 1, "vethB")
     assert_stream_leaves_by(wans, "no-rule", "vethA")
     add_source_rule(wans)
     add_source_route(wans)
@@ -613,7 +624,7 @@ def test_bind_addr_picks_the_source_and_a_rule_the_uplink(two_wans):
     wans.client_ns.ip("addr", "add", WANS["vethB"][0], "dev", "vethB")
     add_source_route(wans)
     wans.client.wait_for_line(wans.link(1) + " up", start=mark)
-    wait_for_last(wans.server, RETURN_PATH, "link 1 (%s:" % SOURCE["vethB"], start=mark_server)
+    wait_carried_by(wans, 1, "vethB", start=mark, start_server=mark_server)
     assert_stream_leaves_by(wans, "address-back", "vethB", "vethA")
     assert [p.stop() for p in wans.procs] == [0, 0]
 
