@@ -33,18 +33,22 @@ def captured_hellos(r, n):
     capture = udp_socket(blocking=False)
     cfg = dict(r.client_cfg, links=[{"remote_addr": "%s:%d" % capture.getsockname()}])
     section = mpudp.parse_config({"mode": "client", "client": cfg}).section
-    running_tag = r.peer.epoch.tag
-    hellos, runs = [], 0
-    while len(hellos) < n:
-        runs += 1
-        assert runs <= n + 10, "the server's epoch tag came up in more than 10 of %d runs" % runs
+
+    def one_run():
         captured = []
         client = mpudp.Client(section, r.reactor, r.log, r.resolver)
         client.start()  # says HELLO at once
         client.close()
         wait_until(lambda: captured.extend(d for d, _ in drain(capture) if kind(d) == HELLO) or captured,
-                   what="captured HELLO of run %d" % runs, interval=0.001)
-        hellos.extend(h for h in captured if mpudp.epoch_tag(h[mpudp.HEADER_SIZE:]) != running_tag)
+                   what="a captured HELLO", interval=0.001)
+        return captured
+
+    running_tag = r.peer.epoch.tag
+    hellos, runs = [], 0
+    while len(hellos) < n:
+        runs += 1
+        assert runs <= n + 10, "the server's epoch tag came up in more than 10 of %d runs" % runs
+        hellos.extend(h for h in one_run() if mpudp.epoch_tag(h[mpudp.HEADER_SIZE:]) != running_tag)
     capture.close()
     assert len({h[mpudp.HEADER_SIZE:mpudp.HEADER_SIZE + mpudp.NONCE_SIZE] for h in hellos}) == n
     return hellos
