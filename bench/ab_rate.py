@@ -3,11 +3,15 @@
 
     python3 bench/ab_rate.py --mpudp old=/tmp/old/mpudp.py --mpudp new=mpudp.py --go /work/go-original
     python3 bench/ab_rate.py --mpudp a=A.py --mpudp b=B.py --reps 5 --seconds 3 --save bench/results/X.json
+    python3 bench/ab_rate.py --mpudp ab=mpudp.py --mpudp agg=mpudp.py --client 'agg={"aggregate": true}' \
+        --rate 100 --sizes 200 --reps 10 --seconds 5 --pin
 
 bench.py's paced stream (1000 pps by default, 64 and 1200 B) through the floor,
 the Go original (with --go) and each named mpudp.py, every one a real client
 and server with two links as bench.py starts them.  Each repetition runs every
 path's window back to back, in order, reversed every other repetition.
+`--client NAME=JSON` adds client config keys to one variant (the same file
+in active-backup and aggregate, say).
 Prints, per size, the relay CPU per echoed packet (client + server) and the
 added p50 round trip of each path, median [min-max], and for every mpudp
 variant its ratio to the first variant, to the Go original and its difference
@@ -55,12 +59,13 @@ def p50_ms(r):
     return r["latency"].get("p50_ms")
 
 
-def start_variant(bench, name, path):
-    """A server and a client of the mpudp.py at `path` (bench.relay with another file)."""
+def start_variant(bench, name, path, client_extra):
+    """A server and a client of the mpudp.py at `path` (bench.relay with another file),
+    the client's config with `client_extra`'s keys."""
     saved = harness.MPUDP
     harness.MPUDP = path
     try:
-        return bench.relay("-" + name, {})
+        return bench.relay("-" + name, client_extra)
     finally:
         harness.MPUDP = saved
 
@@ -79,7 +84,7 @@ def run(args):
         for name, path in args.mpudp:
             harness.subprocess.run([args.python, "-m", "compileall", "-q", path], check=False,
                                    stdout=harness.subprocess.DEVNULL)
-            pairs[name] = start_variant(bench, name, path)
+            pairs[name] = start_variant(bench, name, path, args.client.get(name, {}))
         for name, pair in pairs.items():
             bench.wait_forwarding(pair["addr"], name)
         if args.pin:  # the same placement for every path: client and generator on one core, the rest on the other
@@ -93,7 +98,7 @@ def run(args):
         order = list(pairs)
         runs = {}
         for rep in range(args.reps):
-            for size in SIZES:
+            for size in args.sizes:
                 for name in (order if rep % 2 == 0 else order[::-1]):
                     pair = pairs[name]
                     pids = {"client": pair["client"].pid, "server": pair["server"].pid}
@@ -122,9 +127,11 @@ def per_repetition(rows, others, key, combine):
 def summarize(args, order, runs):
     variants = [name for name, _ in args.mpudp]
     out = {"schema": "mpudp-ab-rate/1", "rate_pps": args.rate, "pinned": args.pin, "seconds": args.seconds,
-           "reps": args.reps, "mpudp": {name: {"path": path, "sha256": sha256(path)} for name, path in args.mpudp},
+           "reps": args.reps, "mpudp": {name: dict({"path": path, "sha256": sha256(path)},
+                                                   **({"client": args.client[name]} if name in args.client else {}))
+                                              for name, path in args.mpudp},
            "machine": harness.machine_info(args.python), "git": harness.git_info(), "sizes": {}}
-    for size in SIZES:
+    for size in args.sizes:
         direct = runs[(size, "direct")]
         added = {name: [{"added": r["p50_ms"] - d["p50_ms"] if None not in (r["p50_ms"], d["p50_ms"]) else None}
                         for r, d in zip(runs[(size, name)], direct)] for name in order}
@@ -161,7 +168,25 @@ def show(result):
                 name, fmt(row["cpu_us"]), fmt(row["added_p50_ms"], "%.3f"), fmt(row.get("over_first"), "%.2f"),
                 fmt(row.get("minus_floor_us")), fmt(row.get("over_go"), "%.2f"), fmt(row.get("p50_over_go"), "%.2f")))
     for name, info in result["mpudp"].items():
-        print("%s: %s (sha256 %s)" % (name, info["path"], info["sha256"][:12]))
+        print("%s: %s (sha256 %s)%s" % (name, info["path"], info["sha256"][:12],
+                                        " client %s" % json.dumps(info["client"]) if "client" in info else ""))
+
+
+def parse_client_extras(items, variants, parser):
+    """{variant: {key: value}} from NAME=JSON items; parser.error for a bad one."""
+    extras = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        if name not in variants:
+            parser.error("--client %s: no --mpudp variant named %r" % (item, name))
+        try:
+            extra = json.loads(text)
+        except ValueError as exc:
+            parser.error("--client %s: not JSON: %s" % (item, exc))
+        if not isinstance(extra, dict):
+            parser.error("--client %s: a JSON object of client keys is needed" % item)
+        extras.setdefault(name, {}).update(extra)
+    return extras
 
 
 def main(argv=None):
@@ -169,7 +194,10 @@ def main(argv=None):
     parser.add_argument("--mpudp", action="append", default=[], metavar="NAME=PATH",
                         help="an mpudp.py to measure (repeatable; the first is the reference)")
     parser.add_argument("--go", help="the Go original's directory (mpudp and keygen)")
+    parser.add_argument("--client", action="append", default=[], metavar="NAME=JSON",
+                        help="client config keys for variant NAME, as a JSON object (repeatable)")
     parser.add_argument("--rate", type=int, default=params.RATE)
+    parser.add_argument("--sizes", default=",".join(str(size) for size in SIZES), help="payload sizes, comma-separated")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--python", default=sys.executable)
@@ -184,6 +212,8 @@ def main(argv=None):
         return 0
     args.mpudp = [tuple(item.split("=", 1)) if "=" in item else (os.path.basename(item), item) for item in args.mpudp]
     args.mpudp = [(name, os.path.abspath(path)) for name, path in args.mpudp] or [("mpudp", params.MPUDP)]
+    args.sizes = [int(size) for size in args.sizes.split(",")]
+    args.client = parse_client_extras(args.client, [name for name, _ in args.mpudp], parser)
     result = run(args)
     show(result)
     if args.save:

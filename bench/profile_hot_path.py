@@ -4,9 +4,11 @@
     python3 bench/profile_hot_path.py [--size 1200] [--packets 20000] [--profile]
     python3 bench/profile_hot_path.py --rate 1000 --packets 10000 --profile   # paced, one at a time
     python3 bench/profile_hot_path.py --rate 1000 --packets 2000 --opcodes    # bytecodes per function
+    python3 bench/profile_hot_path.py --rate 100 --packets 1000 --links 2 --aggregate --opcodes
 
-Runs a Server, a Client (one loopback link), an echo upstream and an
-application socket on one Reactor, keeps a window of 32 datagrams in flight
+Runs a Server, a Client (one loopback link, or --links N, aggregating with
+--aggregate), an echo upstream and an application socket on one Reactor,
+keeps a window of 32 datagrams in flight
 (or, with --rate, sends one datagram every 1/rate s, as bench.py's 1000 pps
 stream does) and reports the process's CPU time per echoed packet (all four
 parties, so it is an upper bound for the relay's share); --profile prints the
@@ -168,8 +170,10 @@ def main(argv=None):
     parser.add_argument("--rate", type=float, help="paced: datagrams per second, one at a time")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--opcodes", action="store_true", help="count bytecodes per function (slow)")
+    parser.add_argument("--links", type=int, default=1, help="links from the client to the server (loopback)")
+    parser.add_argument("--aggregate", action="store_true", help="the client aggregates its links")
     args = parser.parse_args(argv)
-    reactor, client = build()
+    reactor, client = build(args.links, **({"aggregate": True} if args.aggregate else {}))
     counter = OpcodeCounter() if args.opcodes else None
     # CPU time, not wall time: at a fixed rate the process mostly sleeps in epoll, and a
     # wall-clock profile would charge that sleep to poll().

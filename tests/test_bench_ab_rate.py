@@ -23,7 +23,8 @@ def test_ratios_and_differences_are_per_repetition(tmp_path):
     old.write_text("old")
     new.write_text("new")
     args = argparse.Namespace(rate=1000, seconds=2.0, reps=2, pin=False, python=sys.executable,
-                              mpudp=[("old", str(old)), ("new", str(new))])
+                              mpudp=[("old", str(old)), ("new", str(new))], sizes=list(ab_rate.SIZES),
+                              client={"new": {"aggregate": True}})
     runs = {}
     for size in ab_rate.SIZES:
         runs[(size, "direct")] = [{"p50_ms": 0.05}, {"p50_ms": 0.10}]
@@ -42,3 +43,14 @@ def test_ratios_and_differences_are_per_repetition(tmp_path):
     assert row["p50_over_go"]["runs"] == pytest.approx([0.5])
     assert "over_first" not in result["sizes"]["64"]["floor"]
     assert result["mpudp"]["old"]["sha256"] != result["mpudp"]["new"]["sha256"]
+    assert result["mpudp"]["new"]["client"] == {"aggregate": True} and "client" not in result["mpudp"]["old"]
+
+
+def test_client_keys_go_to_the_variant_named_and_bad_ones_are_refused():
+    parser = argparse.ArgumentParser()
+    extras = ab_rate.parse_client_extras(['agg={"aggregate": true}', 'agg={"redundancy": 1}'], ["ab", "agg"], parser)
+    assert extras == {"agg": {"aggregate": True, "redundancy": 1}}
+    for bad in ['other={"aggregate": true}', "agg={not json", "agg=[1]"]:
+        with pytest.raises(SystemExit) as info:
+            ab_rate.parse_client_extras([bad], ["ab", "agg"], parser)
+        assert info.value.code == 2
