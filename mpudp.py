@@ -1108,10 +1108,11 @@ class Spreader:
             if best is None or done + delay < best_arrival:
                 best, best_arrival, best_done = link, done + delay, done
         free_at[best] = best_done
-        ahead = min(free_at.get(link, now) for link, _rate, _delay in links) - now
-        if ahead > SPREAD_AHEAD_S:  # all overloaded: keep their differences, not their lead
-            for link, _rate, _delay in links:
-                free_at[link] -= ahead - SPREAD_AHEAD_S
+        if best_done - now > SPREAD_AHEAD_S:  # the shortest queue is no longer than the chosen one's
+            ahead = min(free_at.get(link, now) for link, _rate, _delay in links) - now
+            if ahead > SPREAD_AHEAD_S:  # all overloaded: keep their differences, not their lead
+                for link, _rate, _delay in links:
+                    free_at[link] -= ahead - SPREAD_AHEAD_S
         return best
 
 
@@ -2370,6 +2371,8 @@ class ClientDataPath:
         self.largest_received = RecentMax(LARGE_DATA_MEMORY_S)
         # Aggregate: the scheduler for what goes up, the order for what comes down.
         self.spreader = Spreader()
+        self._spread_choices = []  # type: List[Tuple[ClientLink, float, float]]  # refresh_spread's
+        self._spread_route = None  # type: Optional[Route]  # the route they were made for
         self.reorder = ReorderBuffer(1) if config.aggregate else None  # type: Optional[ReorderBuffer]
         self._released = []  # type: List[Tuple[int, bytes]]
 
@@ -2396,7 +2399,7 @@ class ClientDataPath:
         elif len(carriers) == 1:
             self._send_on_one_link(carriers[0], epoch)
         elif self.route.spread:
-            self._send_spread(carriers, epoch)
+            self._send_spread(epoch)
         else:
             self._send_copies(carriers, epoch)
 
@@ -2450,17 +2453,59 @@ class ClientDataPath:
             for link in carriers:
                 self._send_sealed(link, seal_into(buf, mac, flags, link.index, client_id, session.id, nonce, n))
 
-    def _send_spread(self, carriers: Tuple[ClientLink, ...], epoch: Epoch) -> None:
+    def _send_spread(self, epoch: Epoch) -> None:
         """Aggregate: each packet on the carrier where it would arrive first (Spreader),
         sealed and sent on its own."""
-        flags, client_id, mac, buf = self.route.data_flags, self.config.client_id, epoch.tx_mac, self._buf
+        # As in _send_on_one_link, this loop runs once per datagram: locals, the known
+        # session looked up and the packet sealed inline (seal_into, _send_sealed).
+        sock, sessions, session_for = self.listen_sock, self.sessions_by_addr, self._session_for
+        pack_header, flags, watch_above = HEADER.pack_into, self.route.data_flags, self.route.watch_above
+        client_id, counters, buf, view = self.config.client_id, self.counters, self._buf, self._view
+        payload_room = view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
+        choices = self._spread_choices if self._spread_route is self.route else self.refresh_spread()
         pick, now = self.spreader.pick, self.reactor.time()
-        choices = [(link, link.rate_up.rate, link.one_way_delay_s) for link in carriers]
-        for session, n in self._waiting_datagrams():
-            link = pick(choices, n + OVERHEAD, now)
-            if not self._send_sealed(link, seal_into(buf, mac, flags, link.index, client_id, session.id,
-                                                     epoch.next_nonce(), n)):
+        while True:
+            try:
+                n, addr = sock.recvfrom_into(payload_room)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._socket_error(exc)
+                return
+            session = sessions.get(addr)
+            if session is None or n > watch_above:
+                session = session_for(addr, n)  # a new application, or a large datagram
+                if session is None:
+                    continue
+            else:
+                session.packets += 1
+            end = HEADER_SIZE + n
+            link = pick(choices, end + MAC_SIZE, now)
+            epoch.tx_seq += 1
+            pack_header(buf, 0, flags, link.index, client_id, session.id, epoch.nonce_base | epoch.tx_seq)
+            m = epoch.tx_mac.copy()
+            m.update(view[:end])
+            buf[end:end + MAC_SIZE] = m.digest()
+            try:
+                link.sock.sendto(view[:end + MAC_SIZE], link.endpoint.addr)
+            except BlockingIOError:
+                counters.add("tx_full")
+            except OSError as exc:
+                link.on_send_error(exc)
                 return  # control moves the route; the rest waits for the next drain
+            else:
+                link.tx_bytes += end + MAC_SIZE
+                link.tx_packets += 1
+                link.data_sent += 1
+
+    def refresh_spread(self) -> List[Tuple[ClientLink, float, float]]:
+        """The Spreader's view of the carriers, (link, rate up, one-way delay) each: made
+        again when the route changes and after each evaluation (control calls this once
+        the estimates have moved), not in every drain."""
+        route = self.route
+        self._spread_choices = [(link, link.rate_up.rate, link.one_way_delay_s) for link in route.carriers]
+        self._spread_route = route
+        return self._spread_choices
 
     def _drain_without_route(self) -> None:
         """No epoch or no link to send on (yet, or any more): read and count, so the socket
@@ -3397,6 +3442,7 @@ class Client(ClientControl):
             delays = [link.one_way_delay_s for link in carriers]
             rebalance([link.rate_up for link in carriers], delays)
             rebalance([link.rate_down for link in carriers], delays)
+            self.data.refresh_spread()
         if self.config.aggregate and self.log.debug_enabled:
             self.log.debug("aggregate: " + "; ".join(
                 "link %d up %.0f%% %.1f Mbit/s q %.1f ms loss %.1f%%, down %.0f%% %.1f Mbit/s q %.1f ms loss %.1f%%"
@@ -4157,6 +4203,8 @@ class Peer:
         # Aggregate, while the client's heartbeats ask for it: replies spread over its
         # carrying links, and its packets put back in order before the upstream.
         self.spreader = None  # type: Optional[Spreader]
+        self._spread = ([], {})  # type: Tuple[List[Tuple[Tuple[int, tuple], float, float]], Dict[int, PeerLink]]
+        self._spread_made_for = None  # type: Optional[Tuple[Tuple[int, tuple], ...]]  # spread_links'
         self.reorder = None  # type: Optional[ReorderBuffer]
         self.reorder_timer = None  # type: Optional[Timer]
         self.seen_packets = 0
@@ -4185,9 +4233,19 @@ class Peer:
         if self.reorder is not None:
             self.reorder.reset()  # this packet is the new epoch's first taken in
 
-    def spread_links(self) -> List[Tuple[Tuple[int, tuple], float, float]]:
-        """((link, address), rate, delay) of each validated carrying link, for the Spreader."""
-        return [((link, addr), self.link(link).rate, self.link(link).delay_s) for link, addr in self.return_path.links]
+    def spread_links(self) -> Tuple[List[Tuple[Tuple[int, tuple], float, float]], Dict[int, PeerLink]]:
+        """((link, address), rate, delay) of each validated carrying link, for the Spreader,
+        and their PeerLinks by index.  Made again when the return path moves (a new
+        `links`) or a heartbeat brought new estimates (`estimates_changed`), not per drain."""
+        links = self.return_path.links
+        if self._spread_made_for is not links:
+            states = {link: self.link(link) for link, _addr in links}
+            self._spread = ([((link, addr), states[link].rate, states[link].delay_s) for link, addr in links], states)
+            self._spread_made_for = links
+        return self._spread
+
+    def estimates_changed(self) -> None:
+        self._spread_made_for = None
 
 
 class ServerControl:
@@ -4499,11 +4557,11 @@ class ServerDataPath:
         client's heartbeats describe them (their rate and delay), sealed and sent on its own.
         Only validated addresses: a NAT that rebinds a link stalls that link's share for
         the round trip of its challenge."""
-        sock, pick = session.sock, peer.spreader.pick
+        sock, pick, listen_sock = session.sock, peer.spreader.pick, self.listen_sock
+        pack_header, client_id, session_id = HEADER.pack_into, peer.client_id, session.id
         buf, view = self._buf, self._view
         payload_room = view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
-        choices = peer.spread_links()
-        states = {link: peer.link(link) for (link, _addr), _rate, _delay in choices}  # looked up once a drain
+        choices, states = peer.spread_links()
         now = self.reactor.time()
         largest = 0
         while True:
@@ -4520,10 +4578,16 @@ class ServerDataPath:
             if n > largest:
                 largest = n
             session.packets += 1
-            link, addr = pick(choices, n + OVERHEAD, now)
-            length = seal_into(buf, epoch.tx_mac, TYPE_DATA, link, peer.client_id, session.id, epoch.next_nonce(), n)
+            end = HEADER_SIZE + n
+            link, addr = pick(choices, end + MAC_SIZE, now)
+            epoch.tx_seq += 1  # sealed inline, as in the drains: once per datagram
+            pack_header(buf, 0, TYPE_DATA, link, client_id, session_id, epoch.nonce_base | epoch.tx_seq)
+            m = epoch.tx_mac.copy()
+            m.update(view[:end])
+            buf[end:end + MAC_SIZE] = m.digest()
+            length = end + MAC_SIZE
             try:
-                self.listen_sock.sendto(view[:length], addr)
+                listen_sock.sendto(view[:length], addr)
             except BlockingIOError:
                 self.counters.add("tx_full")
             except OSError as exc:
@@ -4847,6 +4911,7 @@ class Server(ServerControl):
             peer.reorder = ReorderBuffer()
         state.rate = rate_kbps * 1000 / 8
         state.delay_s = delay * OWD_UNIT_S
+        peer.estimates_changed()
         peer.reorder.hold_s = min(REORDER_HOLD_CAP_S, hold_ms / 1000)
         peer.reorder.carriers = tuple(link for link, _addr in peer.return_path.links)
 

@@ -205,6 +205,24 @@ def feed(buffer, arrivals):
     return [item[1] for item in out]
 
 
+def test_the_servers_spread_view_follows_the_return_path_at_once_and_heartbeats_estimates():
+    """The server does not rebuild the Spreader's view of the links in every drain: a
+    return path that moves (a new `links`) is used at once, new rates once a heartbeat
+    says so (estimates_changed)."""
+    peer = mpudp.Peer(1, bytes(32), None)
+    first, rebound = ("10.0.0.1", 4000), ("10.0.0.9", 5000)
+    peer.return_path.links = ((0, first), (1, ("10.0.1.1", 4001)))
+    peer.link(0).rate, peer.link(1).rate = 1e6, 2e6
+    choices, states = peer.spread_links()
+    assert [(pair, rate) for pair, rate, _delay in choices] == [((0, first), 1e6), ((1, ("10.0.1.1", 4001)), 2e6)]
+    assert states == {0: peer.link(0), 1: peer.link(1)}
+    peer.return_path.links = ((0, rebound), (1, ("10.0.1.1", 4001)))  # link 0's NAT rebound
+    assert peer.spread_links()[0][0][0] == (0, rebound)
+    peer.link(1).rate = 3e6
+    peer.estimates_changed()
+    assert peer.spread_links()[0][1][1] == 3e6
+
+
 def test_packets_in_order_pass_straight_through():
     buffer = mpudp.ReorderBuffer(1)
     assert feed(buffer, [(s, s % 2, s * 0.001) for s in range(1, 50)]) == list(range(1, 50))
