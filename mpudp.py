@@ -983,7 +983,7 @@ class LinkRate:
     above its least (the server measures the way towards it; the rest of the RTT's
     rise is the way back), and its share of the traffic (`rebalance`)."""
 
-    __slots__ = ("share", "rate", "sent_rate", "delivered_rate", "lost_share", "queue_s")
+    __slots__ = ("share", "rate", "sent_rate", "delivered_rate", "lost_share", "queue_s", "capacity")
 
     def __init__(self) -> None:
         self.share = 1.0  # relative to the other carriers' (rebalance normalises)
@@ -991,12 +991,18 @@ class LinkRate:
         self.sent_rate = self.delivered_rate = 0.0
         self.lost_share = 0.0
         self.queue_s = 0.0
+        self.capacity = None  # type: Optional[float]  # bytes/s it delivered when last full (None: never seen full)
 
     def on_interval(self, sent_bytes: int, delivered_bytes: int, lost_share: float, queue_s: float,
                     interval_s: float) -> None:
         if interval_s > 0:
             self.sent_rate, self.delivered_rate = sent_bytes / interval_s, delivered_bytes / interval_s
             self.lost_share, self.queue_s = lost_share, queue_s
+
+    def note_capacity(self, full: bool) -> None:
+        """What it delivered while full is what it can carry; more delivered since raises that."""
+        if full or (self.capacity is not None and self.delivered_rate > self.capacity):
+            self.capacity = self.delivered_rate
 
 
 def rebalance(ways: Sequence[LinkRate], delays: Sequence[float]) -> None:
@@ -1011,7 +1017,11 @@ def rebalance(ways: Sequence[LinkRate], delays: Sequence[float]) -> None:
       (`_fit_full`);
     - while none is full, the carriers whose one-way delay (`delays`) is above the
       least by AGG_QUEUE_MARGIN_S give up AGG_STEP to the faster ones: a slow link
-      (a satellite beside fibre) carries only what the fast one cannot.
+      (a satellite beside fibre) carries only what the fast one cannot.  They keep
+      their share while the faster ones are known to be too small for what is sent
+      (`_faster_have_room`): a TCP flow that backs off after a loss, below what the
+      links carry together, must not lose the slow link's share, or it would have
+      to fill the fast link again before it got it back.
 
     So the shares follow the links' capacities, and a capacity that changes, within
     an interval or two; an overload of every link is split by what each delivered.
@@ -1026,11 +1036,15 @@ def rebalance(ways: Sequence[LinkRate], delays: Sequence[float]) -> None:
         least_queue = min(way.queue_s for way in ways)
         full = [way.lost_share > AGG_LOSS_SIGNAL or way.queue_s > least_queue + AGG_QUEUE_MARGIN_S
                 for way in ways]
+        for way, is_full in zip(ways, full):
+            way.note_capacity(is_full)
         if any(full):
             _fit_full(ways, full, least_queue)
         else:
             least_delay = min(delays)
-            _shift_shares(ways, [AGG_STEP if delay > least_delay + AGG_QUEUE_MARGIN_S else 0.0 for delay in delays])
+            slower = [delay > least_delay + AGG_QUEUE_MARGIN_S for delay in delays]
+            if _faster_have_room(ways, slower):
+                _shift_shares(ways, [AGG_STEP if is_slower else 0.0 for is_slower in slower])
     total_share = sum(way.share for way in ways)
     for way in ways:
         way.share = max(AGG_MIN_SHARE, way.share / total_share)
@@ -1038,6 +1052,16 @@ def rebalance(ways: Sequence[LinkRate], delays: Sequence[float]) -> None:
     scale = max(AGG_MIN_RATE * len(ways), AGG_HEADROOM * delivered)
     for way in ways:
         way.rate = scale * way.share / total_share
+
+
+def _faster_have_room(ways: Sequence[LinkRate], slower: Sequence[bool]) -> bool:
+    """Whether the ways that are not `slower` could carry what all of them are sent now,
+    with AGG_HEADROOM: yes while one of them has never been seen full (nothing says it
+    cannot), else by what they delivered when they were."""
+    known = [way.capacity for way, is_slower in zip(ways, slower) if not is_slower]
+    if None in known:
+        return True
+    return sum(known) >= AGG_HEADROOM * sum(way.sent_rate for way in ways)
 
 
 def _fit_full(ways: Sequence[LinkRate], full: Sequence[bool], least_queue: float) -> None:

@@ -103,6 +103,42 @@ def test_a_slower_link_gives_its_share_to_the_faster_while_neither_is_full():
     assert 0.2 <= history[-1][1] <= 0.55, history[-1]
 
 
+def test_a_slower_link_keeps_its_share_while_the_faster_is_known_to_be_too_small():
+    """A flow that fills two equal links, one 30 ms slower, then backs off to 70% of what
+    they carry together (TCP after a loss): the slow link keeps its share, for the fast one
+    was seen full at less than that; had it given the share up, the flow would have to
+    fill the fast link again to get it back.  Well below the fast link's rate, it gives
+    the share up again."""
+    delays = [0.001, 0.016]
+    ways, history = saturate((2.5e6, 2.5e6), 30, delays=delays, offered=5e6)
+    filled = history[-1][1]
+    assert filled >= 0.4, history[-1]
+    assert [way.capacity for way in ways] == [2.5e6, 2.5e6]  # each was seen full
+    _, history = saturate((2.5e6, 2.5e6), 10, ways, delays=delays, offered=3.5e6)
+    assert min(h[1] for h in history) >= filled - 0.02, history
+    _, history = saturate((2.5e6, 2.5e6), 30, ways, delays=delays, offered=1e6)
+    assert history[-1][1] <= 0.05, history[-1]
+
+
+def test_a_link_seen_full_is_taken_to_carry_what_it_delivered_then_and_more_once_it_does():
+    way = mpudp.LinkRate()
+    way.on_interval(10 ** 6, 10 ** 6, 0.0, 0.0, 0.5)
+    way.note_capacity(False)
+    assert way.capacity is None  # never full: nothing known
+    way.on_interval(10 ** 6, 9 * 10 ** 5, 0.1, 0.02, 0.5)
+    way.note_capacity(True)
+    assert way.capacity == 1.8e6
+    way.on_interval(10 ** 6, 8 * 10 ** 5, 0.0, 0.0, 0.5)
+    way.note_capacity(False)
+    assert way.capacity == 1.8e6  # delivering less without being full says nothing
+    way.on_interval(1.5 * 10 ** 6, 1.5 * 10 ** 6, 0.0, 0.0, 0.5)
+    way.note_capacity(False)
+    assert way.capacity == 3e6
+    way.on_interval(10 ** 6, 5 * 10 ** 5, 0.1, 0.02, 0.5)
+    way.note_capacity(True)
+    assert way.capacity == 1e6  # full at less: the link got slower (an LTE cell)
+
+
 def test_nothing_moves_while_the_links_carry_nothing_or_queue_alike():
     ways = [mpudp.LinkRate(), mpudp.LinkRate()]
     ways[0].share = 0.7
