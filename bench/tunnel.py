@@ -207,6 +207,7 @@ def tcp_figures(report_json, cpu_s=None):
     carried_mb = interval_bytes(report_json) / 1e6
     return {"mbps": received["bits_per_second"] / 1e6, "received_mb": received["bytes"] / 1e6,
             "carried_mb": carried_mb, "retransmits": end.get("sum_sent", {}).get("retransmits"),
+            "congestion": end.get("sender_tcp_congestion"),
             "cpu_s": cpu_s,
             "cpu_ms_per_mb": cpu_s * 1000.0 / carried_mb if cpu_s is not None and carried_mb > 0 else None}
 
@@ -289,6 +290,15 @@ def summarize(raw):
 LABEL_W, CELL_W = 32, 22
 
 
+def congestion_used(result):
+    """The TCP senders' congestion control, as iperf3 reported it ("-C" or the namespaces' default)."""
+    used = sorted({r.get("congestion") for tests in result.get("runs", {}).values() for paths in tests.values()
+                   for reps in paths.values() for r in reps if r.get("congestion")})
+    asked = result["params"].get("congestion")
+    return "%s%s" % (", ".join(used) or asked or "not reported",
+                     "" if asked else " (the system's default)")
+
+
 def render(result):
     """The table of a result (run() or a saved file)."""
     lines = []
@@ -305,7 +315,8 @@ def render(result):
                          " + uncommitted mpudp.py" if mp["git"]["mpudp_py_modified"] else "", m["python"],
                          p["repeat"], result.get("elapsed_s", 0)))
     add("WireGuard MTU %d on every path; shaped links: htb, burst %d ms, bfifo %d ms each way; TCP %d s "
-        "(-O 1)" % (p["wg_mtu"], p["burst_ms"], p["queue_ms"], p["seconds"]))
+        "(-O 1), congestion control %s" % (p["wg_mtu"], p["burst_ms"], p["queue_ms"], p["seconds"],
+                                           congestion_used(result)))
     paths = result["paths"]
     columns = list(paths) + (["agg/ab"] if AB in paths and AGG in paths else [])
 
@@ -768,6 +779,8 @@ class TunnelBench(object):
     def iperf(self, topo, argv, name, timeout=None, during=None):
         """iperf3 -c in the client namespace; its JSON, or {"error": ...}.  `during(start)` runs
         while it does (the blackhole)."""
+        if self.p.get("congestion") and "-u" not in argv:
+            argv = ["-C", self.p["congestion"]] + list(argv)  # iperf3 asks its server for it too (-R)
         full = in_ns(topo.client_ns, "iperf3", "-c", WG_SERVER_IP, "-p", str(IPERF_PORT), "-J",
                      "--connect-timeout", "3000", *argv)
         child = Child(self.kids, "iperf3-" + name, full, self.dir)
@@ -916,6 +929,8 @@ def parse_args(argv):
     parser.add_argument("--go", metavar="PATH", help="the Go original: a directory with its mpudp and keygen")
     parser.add_argument("--go-keygen", metavar="PATH", help="the Go original's keygen, if not beside --go")
     parser.add_argument("--mpudp", default=MPUDP, help="the mpudp.py to run (default: this checkout's)")
+    parser.add_argument("--congestion", metavar="NAME", help="TCP congestion control of the iperf3 senders "
+                        "(iperf3 -C; default: the system's, as net.ipv4.tcp_congestion_control says)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter that runs mpudp.py")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--save", metavar="PATH", help="also write the JSON result to PATH")
@@ -989,6 +1004,7 @@ def run(args):
         params["repeat"] = args.repeat
     if args.seconds:
         params["seconds"] = args.seconds
+    params["congestion"] = args.congestion
     workdir = tempfile.mkdtemp(prefix="mpudp-tunnel-")
     started = time.monotonic()
     bench = None

@@ -19,10 +19,11 @@ def interval(start, seconds, nbytes, omitted=False):
                     "omitted": omitted}}
 
 
-def tcp_json(mbps, received_bytes, intervals, retransmits=3):
+def tcp_json(mbps, received_bytes, intervals, retransmits=3, congestion="cubic"):
     return {"intervals": intervals,
             "end": {"sum_sent": {"bytes": received_bytes, "bits_per_second": mbps * 1e6, "retransmits": retransmits},
-                    "sum_received": {"bytes": received_bytes, "bits_per_second": mbps * 1e6}}}
+                    "sum_received": {"bytes": received_bytes, "bits_per_second": mbps * 1e6},
+                    "sender_tcp_congestion": congestion, "receiver_tcp_congestion": "bbr"}}
 
 
 def udp_json(sent, lost, out_of_order, received_mbps=18.0, sent_mbps=36.0):
@@ -48,6 +49,7 @@ def test_tcp_figures_take_the_receiver_rate_and_count_cpu_over_every_interval():
     assert f["carried_mb"] == pytest.approx(35.0)  # the omitted second included: the CPU window covers it
     assert f["cpu_ms_per_mb"] == pytest.approx(20.0)
     assert f["retransmits"] == 3
+    assert f["congestion"] == "cubic"  # the sender's: the one that sets the pace
     assert tunnel.tcp_figures(report)["cpu_ms_per_mb"] is None  # the direct path: no relay
 
 
@@ -138,6 +140,20 @@ def test_table_has_paths_as_columns_and_marks_what_was_not_measured():
     assert gap.split()[5:8] == ["n/a", "0.5", "not"]  # direct has no blackhole run; aggregate is not supported
     assert "17.9" in [line for line in lines if "TCP up  Mbit/s" in line][0]
     assert "mpudp-aggregate: not supported by this mpudp.py (client.aggregate: unknown key)" in text
+
+
+@pytest.mark.parametrize("asked, reported, said", [
+    (None, ["bbr", "bbr"], "congestion control bbr (the system's default)"),
+    ("cubic", ["cubic"], "congestion control cubic"),
+    (None, [None], "congestion control not reported (the system's default)"),  # a saved run from before
+])
+def test_table_says_which_congestion_control_the_tcp_senders_used(asked, reported, said):
+    raw = {"equal": {"tcp_up": {"mpudp": [dict({"mbps": 17.9, "cpu_ms_per_mb": 80.4},
+                                               **({"congestion": c} if c else {})) for c in reported]}}}
+    result = dict(sample_result(["mpudp"], raw), runs=raw)
+    result["params"]["congestion"] = asked
+    assert said in tunnel.render(result)
+    assert tunnel.parse_args(["--congestion", "cubic"]).congestion == "cubic"
 
 
 def test_aggregate_verdict_from_check():
