@@ -438,6 +438,33 @@ def test_aggregate_spreads_both_ways_and_delivers_in_order_in_process(in_process
         assert shares in table[1 + index], (shares, table)
 
 
+def test_the_client_spreads_over_the_route_it_has_now_with_the_estimates_of_the_last_evaluation(in_process):
+    """The client makes the Spreader's view of its carriers once per evaluation, not per drain:
+    a drain after the route changed spreads over the new carriers only, and an evaluation
+    brings the rates it has just estimated."""
+    harness = in_process()
+    server = harness.add_server()
+    client = harness.add_client([addr_text(*harness.address_of(server))] * 3, heartbeat_interval_sec=0.1,
+                                aggregate=True)
+    assert harness.run_until(lambda: client.epoch is not None and len(client.data.route.carriers) == 3, WAIT_S), \
+        harness.log_text()[-2000:]
+    data = client.data
+    links = client.links
+    for link in links:
+        link.rate_up.rate = 1.0  # a sentinel that no evaluation gives
+    client.evaluate()
+    assert all(link.rate_up.rate != 1.0 for link in links)
+    spread = data.refresh_spread()
+    assert [(link, rate) for link, rate, _delay in spread] == [(link, link.rate_up.rate) for link in data.route.carriers]
+    data.route = mpudp.Route((links[1], links[2]), spread=True)  # as control publishes one: link 0 left out
+    before = [link.data_sent for link in links]
+    for i in range(200):
+        harness.app.sendto(b"%d" % i, harness.client_addr)
+    harness.run_until(lambda: sum(link.data_sent for link in links) - sum(before) >= 200, WAIT_S)
+    sent = [link.data_sent - b for link, b in zip(links, before)]
+    assert sent[0] == 0 and sent[1] + sent[2] == 200, sent
+
+
 def test_an_early_packet_waits_for_its_hold_then_goes_to_the_application(rig):
     """The data path's report that packets wait arms a timer for the end of their hold;
     when it fires, they go to the application (the packet before them is given up)."""
