@@ -53,6 +53,12 @@ addresses only (a guard for the test suite); its process here widens that check,
 and binds its upstream sockets to the wildcard address so the kernel picks the
 veth's source address.
 
+TCP.  The iperf3 senders use cubic (``--congestion``), what Linux, Windows and
+macOS send with unless told otherwise, rather than whatever this machine's
+net.ipv4.tcp_congestion_control says (the namespaces inherit it).  It matters
+with links of unequal delay: BBR sizes its window by the least round trip of
+the last 10 s, and a flow that started on the fast link keeps that one.
+
 Blackhole.  The link's queue (the htb leaf) on both veth ends is replaced by a
 ``pfifo limit 0``: every packet is dropped inside the qdisc, silently: sendto()
 still succeeds (none of the relays or wireguard-go sets IP_RECVERR) and the
@@ -929,8 +935,9 @@ def parse_args(argv):
     parser.add_argument("--go", metavar="PATH", help="the Go original: a directory with its mpudp and keygen")
     parser.add_argument("--go-keygen", metavar="PATH", help="the Go original's keygen, if not beside --go")
     parser.add_argument("--mpudp", default=MPUDP, help="the mpudp.py to run (default: this checkout's)")
-    parser.add_argument("--congestion", metavar="NAME", help="TCP congestion control of the iperf3 senders "
-                        "(iperf3 -C; default: the system's, as net.ipv4.tcp_congestion_control says)")
+    parser.add_argument("--congestion", metavar="NAME", default="cubic",
+                        help="TCP congestion control of the iperf3 senders (iperf3 -C; default cubic, what Linux, "
+                        "Windows and macOS use by default; 'system': net.ipv4.tcp_congestion_control's)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter that runs mpudp.py")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--save", metavar="PATH", help="also write the JSON result to PATH")
@@ -1004,7 +1011,7 @@ def run(args):
         params["repeat"] = args.repeat
     if args.seconds:
         params["seconds"] = args.seconds
-    params["congestion"] = args.congestion
+    params["congestion"] = None if args.congestion == "system" else args.congestion
     workdir = tempfile.mkdtemp(prefix="mpudp-tunnel-")
     started = time.monotonic()
     bench = None
