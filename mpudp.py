@@ -4269,6 +4269,7 @@ class Peer:
         return self._spread
 
     def estimates_changed(self) -> None:
+        """A heartbeat brought a link's rate or delay: spread_links makes its view again."""
         self._spread_made_for = None
 
 
