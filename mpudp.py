@@ -2395,7 +2395,7 @@ class ClientDataPath:
         self.largest_received = RecentMax(LARGE_DATA_MEMORY_S)
         # Aggregate: the scheduler for what goes up, the order for what comes down.
         self.spreader = Spreader()
-        self._spread_choices = []  # type: List[Tuple[ClientLink, float, float]]  # refresh_spread's
+        self.spread_choices = []  # type: List[Tuple[ClientLink, float, float]]  # made by refresh_spread
         self._spread_route = None  # type: Optional[Route]  # the route they were made for
         self.reorder = ReorderBuffer(1) if config.aggregate else None  # type: Optional[ReorderBuffer]
         self._released = []  # type: List[Tuple[int, bytes]]
@@ -2486,7 +2486,7 @@ class ClientDataPath:
         pack_header, flags, watch_above = HEADER.pack_into, self.route.data_flags, self.route.watch_above
         client_id, counters, buf, view = self.config.client_id, self.counters, self._buf, self._view
         payload_room = view[HEADER_SIZE:HEADER_SIZE + MAX_DATA_PAYLOAD + 1]
-        choices = self._spread_choices if self._spread_route is self.route else self.refresh_spread()
+        choices = self.spread_choices if self._spread_route is self.route else self.refresh_spread()
         pick, now = self.spreader.pick, self.reactor.time()
         while True:
             try:
@@ -2527,9 +2527,9 @@ class ClientDataPath:
         again when the route changes and after each evaluation (control calls this once
         the estimates have moved), not in every drain."""
         route = self.route
-        self._spread_choices = [(link, link.rate_up.rate, link.one_way_delay_s) for link in route.carriers]
+        self.spread_choices = [(link, link.rate_up.rate, link.one_way_delay_s) for link in route.carriers]
         self._spread_route = route
-        return self._spread_choices
+        return self.spread_choices
 
     def _drain_without_route(self) -> None:
         """No epoch or no link to send on (yet, or any more): read and count, so the socket

@@ -452,10 +452,11 @@ def test_the_client_spreads_over_the_route_it_has_now_with_the_estimates_of_the_
     links = client.links
     for link in links:
         link.rate_up.rate = 1.0  # a sentinel that no evaluation gives
+    data.refresh_spread()  # the view holds the sentinel now
     client.evaluate()
     assert all(link.rate_up.rate != 1.0 for link in links)
-    spread = data.refresh_spread()
-    assert [(link, rate) for link, rate, _delay in spread] == [(link, link.rate_up.rate) for link in data.route.carriers]
+    assert [(link, rate) for link, rate, _delay in data.spread_choices] == \
+        [(link, link.rate_up.rate) for link in data.route.carriers]
     data.route = mpudp.Route((links[1], links[2]), spread=True)  # as control publishes one: link 0 left out
     before = [link.data_sent for link in links]
     for i in range(200):
